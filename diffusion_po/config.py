@@ -1,0 +1,278 @@
+"""Typed run configuration: YAML files and `--set key=value` overrides into validated dataclasses.
+
+Key names follow the diffusers training examples' flags, so a command line from those scripts carries
+over (`learning_rate`, `train_batch_size`, `gradient_accumulation_steps`, `beta_dpo`, ...). The data set
+is its own section (`data:`). Method-specific options live under `method_options:` and are validated by
+the method's own `Options` dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from diffusion_po.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the training examples come from and how images are prepared."""
+
+    format: Literal["pickapic", "pairs", "dcpo", "prompts", "images", "cache"] = "pickapic"
+    """pickapic: parquet with jpg_0/jpg_1/label_0/caption; pairs: prompt/chosen/rejected (paths or bytes);
+    dcpo: pickapic plus caption_0/caption_1; prompts: text only; images: image/caption (SFT, DRO experts,
+    KTO with a label column); cache: a folder written by `diffusion-po data cache`."""
+    data_files: list[str] = field(default_factory=list)
+    """Local files or glob patterns (parquet, jsonl, json, csv)."""
+    dataset_name: str | None = None
+    """A local `datasets` folder (save_to_disk) or a hub data set id (needs network)."""
+    split: str = "train"
+    streaming: bool = False
+    shuffle_buffer_size: int = 1000
+    drop_ties: bool = True
+    strict: bool = False
+    """Stop at the first bad row (with its row id) instead of skipping and counting it."""
+    reverse_labels: bool = False
+    """Swap winner and loser (Diffusion-NPO trains on reversed preferences)."""
+    caption_column: str = "caption"
+    label_column: str = "label"
+    """For `images` with labels (KTO): 1 desirable, 0 undesirable."""
+    max_train_samples: int | None = None
+    center_crop: bool = True
+    random_crop: bool = False
+    random_flip: bool = True
+    image_root: str | None = None
+    """Folder that relative image paths in `pairs`/`images` files are resolved against (default: the file's folder)."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Defaults follow the Diffusion-DPO repository where it has one."""
+
+    method: str = "dpo"
+    pretrained_model_name_or_path: str = ""
+    pretrained_vae_model_name_or_path: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    output_dir: str = "runs/dpo"
+    seed: int = 0
+    resolution: int = 512
+
+    train_batch_size: int = 1
+    """Pairs (or examples) per device per micro-step."""
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 2000
+    learning_rate: float = 1e-8
+    scale_lr: bool = False
+    """Multiply learning_rate by train_batch_size x gradient_accumulation_steps x processes (Diffusion-DPO repo)."""
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    allow_tf32: bool = True
+
+    use_lora: bool = False
+    rank: int = 8
+    lora_alpha: float | None = None
+    """Defaults to `rank` (scale 1), as in the diffusers examples."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    """A checkpoint folder, or `latest` for the newest complete `output_dir/checkpoint-N`."""
+    report_to: str = "tensorboard"
+    """tensorboard, wandb, all, or none."""
+    logging_dir: str = "logs"
+    save_full_pipeline: bool = False
+    """Full fine-tunes: also write the whole pipeline (model_index.json, vae/, text_encoder/, ...)."""
+
+    beta_dpo: float = 5000.0
+    """DPO beta in the original repository's convention: z = -(beta/2) * (model_diff - ref_diff)."""
+    sft_weight: float = 0.0
+    label_smoothing: float = 0.0
+    proportion_empty_prompts: float = 0.0
+    max_nonfinite_steps: int = 20
+    """Stop after this many optimizer steps in a row whose loss was NaN/inf (each one is skipped)."""
+    dataloader_num_workers: int = 0
+    method_options: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{source}: key '{key}' has {value!r}, expected {_type_name(tp)}"
+        )
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: key '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section '{key}' must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, source, prefix=f"{key}.")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: key '{key}': unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], source: str = "<config>", prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, naming the key and `source` on any unknown key or wrong type."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` or `section.key=value`; the value is read as YAML (1e-5, true, [a, b], null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key=value` (dotted for sections) set."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML file (or defaults when None), apply overrides, validate, and return a TrainConfig."""
+    data = load_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " (with --set overrides)"
+    cfg = from_dict(TrainConfig, data, source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: TrainConfig, source: str) -> None:
+    """Checks across keys that the types alone cannot express."""
+    positive = ["train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution", "rank"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{source}: key '{key}' must be positive, got {getattr(cfg, key)}")
+    if cfg.checkpointing_steps <= 0:
+        raise ConfigError(f"{source}: key 'checkpointing_steps' must be positive")
+    if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
+        raise ConfigError(f"{source}: key 'proportion_empty_prompts' must be in [0, 1)")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"{source}: key 'label_smoothing' must be in [0, 0.5)")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"{source}: key 'learning_rate' must be positive")
+    if not cfg.pretrained_model_name_or_path:
+        raise ConfigError(f"{source}: key 'pretrained_model_name_or_path' is required (a local folder or hub id)")
+    if cfg.report_to not in ("tensorboard", "wandb", "all", "none"):
+        raise ConfigError(f"{source}: key 'report_to' must be tensorboard, wandb, all or none")
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

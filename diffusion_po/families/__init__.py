@@ -1,0 +1,26 @@
+"""Model families behind one interface: `sd` (SD 1.x/2.x), `sdxl`, `sd3` (DiT, flow matching)."""
+
+from diffusion_po.families import flow, sd  # noqa: F401  (registers the families)
+from diffusion_po.families.base import (
+    Conditioning,
+    Family,
+    cat_cond,
+    cond_to,
+    family_for_pipeline,
+    family_names,
+    load_pipeline,
+    per_sample_error,
+    repeat_cond,
+    slice_cond,
+)
+
+
+def load_family(path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None) -> Family:
+    """Load a pipeline by hub id or local folder and wrap it in its family."""
+    return Family.from_pretrained(path, vae_path=vae_path, revision=revision, variant=variant)
+
+
+__all__ = [
+    "Conditioning", "Family", "cat_cond", "cond_to", "family_for_pipeline", "family_names", "load_family",
+    "load_pipeline", "per_sample_error", "repeat_cond", "slice_cond",
+]
