@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random-initialised pipelines of each family, saved once per session in the
+standard diffusers layout and loaded back through `from_pretrained`. Nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """tiny_model_factory(family, prediction_type='epsilon') -> path of a saved tiny pipeline."""
+    from diffusion_po.tiny import save_tiny_pipeline
+
+    cache: dict[tuple[str, str], str] = {}
+
+    def make(family: str = "sd", prediction_type: str = "epsilon") -> str:
+        key = (family, prediction_type)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny_{family}_{prediction_type}")
+            kwargs = {} if family == "sd3" else {"prediction_type": prediction_type}
+            cache[key] = str(save_tiny_pipeline(family, folder, **kwargs))
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_model_factory) -> str:
+    return tiny_model_factory("sd")
