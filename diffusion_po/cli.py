@@ -13,9 +13,6 @@ from diffusion_po import __version__
 VERBS = ["train", "sample", "eval", "bench", "data", "toy", "npo", "env"]
 
 
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -103,9 +103,8 @@ class Family:
     def to(self, device: torch.device | str, weight_dtype: torch.dtype = torch.float32) -> Family:
         """Move frozen parts to `device` in `weight_dtype` (VAE stays fp32 where its config asks)."""
         vae_dtype = torch.float32 if getattr(self.vae.config, "force_upcast", False) else weight_dtype
-        self.vae.to(device, dtype=vae_dtype)
-        for enc in self.text_encoders:
-            enc.to(device, dtype=weight_dtype)
+        for module, dtype in [(self.vae, vae_dtype)] + [(enc, weight_dtype) for enc in self.text_encoders]:
+            module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
         self.network.to(device)
         return self
 

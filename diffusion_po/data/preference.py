@@ -1,0 +1,374 @@
+"""Training data: Pick-a-Pic v2 parquet, plain local pairs, DCPO dual captions, unpaired images, prompts.
+
+Everything goes through Hugging Face `datasets` from local files (or a `save_to_disk` folder / hub id).
+Rows are decoded lazily; a bad row (undecodable image, missing caption, label out of range) is skipped,
+counted and reported, or stops the run with its row id in strict mode.
+
+Order is deterministic: one permutation per epoch from the seed, cut into global micro-batches of
+`train_batch_size x processes`; each process keeps its slice. So a resumed run continues the same data
+order, and a 2-process run sees the same global batches as a 1-process run.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusion_po.config import DataConfig
+from diffusion_po.errors import DataError
+
+REQUIRED_COLUMNS: dict[str, list[list[str]]] = {
+    # each inner list: alternatives for one required column
+    "pickapic": [["jpg_0"], ["jpg_1"], ["label_0"], ["caption"]],
+    "dcpo": [["jpg_0"], ["jpg_1"], ["label_0"], ["caption_0"], ["caption_1"]],
+    "pairs": [["prompt", "caption"], ["chosen"], ["rejected"]],
+    "images": [["image", "jpg"], ["caption", "prompt"]],
+    "prompts": [["caption", "prompt", "text"]],
+}
+PAIRED_FORMATS = ("pickapic", "dcpo", "pairs")
+
+
+@dataclass
+class BadRow:
+    row_id: Any
+    reason: str
+
+
+def _expand_files(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(Path(pattern).expanduser())))
+        if not matches:
+            raise DataError(f"data file not found: {pattern} (data.data_files); check the path or glob")
+        files.extend(matches)
+    return files
+
+
+def _builder_for(files: list[str]) -> str:
+    exts = {Path(f).suffix.lower() for f in files}
+    if exts <= {".parquet"}:
+        return "parquet"
+    if exts <= {".jsonl", ".json"}:
+        return "json"
+    if exts <= {".csv"}:
+        return "csv"
+    if exts <= {".txt"}:
+        return "text"
+    raise DataError(f"data files must all be .parquet, .jsonl/.json, .csv or .txt; got {sorted(exts)}")
+
+
+def load_rows(cfg: DataConfig, streaming: bool | None = None):
+    """The raw rows as a `datasets.Dataset` (or `IterableDataset` when streaming)."""
+    import datasets
+
+    streaming = cfg.streaming if streaming is None else streaming
+    if cfg.data_files:
+        files = _expand_files(cfg.data_files)
+        builder = _builder_for(files)
+        ds = datasets.load_dataset(builder, data_files={cfg.split: files}, split=cfg.split, streaming=streaming)
+        if builder == "text":
+            ds = ds.rename_column("text", "caption")
+        source = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
+    elif cfg.dataset_name:
+        path = Path(cfg.dataset_name).expanduser()
+        source = cfg.dataset_name
+        try:
+            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[cfg.split]
+                if streaming:
+                    ds = ds.to_iterable_dataset()
+            else:
+                ds = datasets.load_dataset(cfg.dataset_name, split=cfg.split, streaming=streaming)
+        except (FileNotFoundError, ConnectionError, ValueError, OSError) as exc:
+            raise DataError(
+                f"could not load data set '{cfg.dataset_name}' (split '{cfg.split}'): {exc}. "
+                "Pass local files with data.data_files (parquet/jsonl/csv)."
+            ) from exc
+    else:
+        raise DataError("no data given: set data.data_files (local parquet/jsonl/csv files) or data.dataset_name")
+    _check_columns(ds.column_names, cfg.format, source)
+    return ds, source
+
+
+def _check_columns(columns: list[str] | None, fmt: str, source: str) -> None:
+    if columns is None:  # some streaming sources only know their columns after the first row
+        return
+    missing = [" or ".join(alts) for alts in REQUIRED_COLUMNS.get(fmt, []) if not any(a in columns for a in alts)]
+    if missing:
+        raise DataError(
+            f"{source}: data format '{fmt}' needs column(s) {', '.join(missing)}; found {', '.join(columns)}. "
+            "Set data.format to match the files, or rename the columns."
+        )
+
+
+def _first(row: dict[str, Any], names: list[str]) -> Any:
+    for n in names:
+        if n in row:
+            return row[n]
+    return None
+
+
+def decode_image(value: Any, root: Path | None = None) -> Image.Image:
+    """Bytes, a datasets Image dict, a path (relative to `root`) or a PIL image -> RGB PIL image."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict):
+        if value.get("bytes"):
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            return decode_image(value["path"], root)
+        else:
+            raise ValueError("image dict has neither bytes nor path")
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(value)))
+    elif isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute() and root is not None:
+            path = root / path
+        img = Image.open(path)
+    else:
+        raise ValueError(f"cannot read an image from a {type(value).__name__}")
+    img.load()
+    return img.convert("RGB")
+
+
+class PairTransform:
+    """Resize (shorter side), crop (center or random) and flip; one draw shared by both images of a pair."""
+
+    def __init__(self, resolution: int, center_crop: bool = True, random_crop: bool = False, random_flip: bool = True):
+        self.resolution = resolution
+        self.random_crop = random_crop or not center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, images: list[Image.Image], rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """Returns (stacked pixels in [-1, 1], original (h, w) of the first image, crop (top, left))."""
+        res = self.resolution
+        first = images[0]
+        original = (first.height, first.width)
+        images = [im if im.size == first.size else im.resize(first.size, Image.BICUBIC) for im in images]
+        scale = res / min(first.size)
+        new_w, new_h = max(res, round(first.width * scale)), max(res, round(first.height * scale))
+        images = [im.resize((new_w, new_h), Image.BILINEAR) for im in images]
+        if self.random_crop:
+            top, left = rng.randint(0, new_h - res), rng.randint(0, new_w - res)
+        else:
+            top, left = (new_h - res) // 2, (new_w - res) // 2
+        images = [im.crop((left, top, left + res, top + res)) for im in images]
+        if self.random_flip and rng.random() < 0.5:
+            images = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
+        arrays = [torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1) for im in images]
+        pixels = torch.stack(arrays).float() / 127.5 - 1.0
+        return pixels, original, (top, left)
+
+
+class RowDecoder:
+    """Turns one raw row into a training example dict, or a `BadRow`."""
+
+    def __init__(self, cfg: DataConfig, resolution: int, seed: int, root: Path | None):
+        self.cfg = cfg
+        self.fmt = cfg.format
+        self.seed = seed
+        self.root = root
+        self.transform = PairTransform(resolution, cfg.center_crop, cfg.random_crop, cfg.random_flip)
+
+    def __call__(self, row: dict[str, Any], row_id: Any, epoch: int) -> dict[str, Any] | BadRow:
+        try:
+            return self._decode(row, row_id, epoch)
+        except Exception as exc:  # a bad row must not kill a long run: it is reported instead
+            return BadRow(row_id, f"{type(exc).__name__}: {exc}")
+
+    def _caption(self, row: dict[str, Any], names: list[str]) -> str:
+        text = _first(row, names)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"missing caption (column {' or '.join(names)})")
+        return text
+
+    def _decode(self, row: dict[str, Any], row_id: Any, epoch: int) -> dict[str, Any] | BadRow:
+        rng = random.Random(f"{self.seed}-{epoch}-{row_id}")
+        fmt = self.fmt
+        if fmt == "prompts":
+            return {"caption": self._caption(row, ["caption", "prompt", "text"]), "row_id": row_id}
+        if fmt == "images":
+            pixels, orig, crop = self.transform([decode_image(_first(row, ["image", "jpg"]), self.root)], rng)
+            example = {"pixels": pixels[0], "caption": self._caption(row, ["caption", "prompt"]), "row_id": row_id,
+                       "original_size": orig, "crop_top_left": crop}
+            if self.cfg.label_column in row and row[self.cfg.label_column] is not None:
+                label = float(row[self.cfg.label_column])
+                if label not in (0.0, 1.0):
+                    raise ValueError(f"label {label} must be 0 or 1")
+                example["label"] = label
+            return example
+        if fmt in ("pickapic", "dcpo"):
+            label = row.get("label_0")
+            if label is None or not (0.0 <= float(label) <= 1.0) or math.isnan(float(label)):
+                raise ValueError(f"label_0 {label!r} out of range [0, 1]")
+            label = float(label)
+            images = [row["jpg_0"], row["jpg_1"]]
+            captions = [row.get("caption_0"), row.get("caption_1")]
+            if label < 0.5:  # winner first; a kept tie (drop_ties: false) keeps jpg_0 first
+                images, captions = images[::-1], captions[::-1]
+            caption = self._caption(row, ["caption"]) if fmt == "pickapic" else row.get("caption")
+        else:  # pairs
+            images = [row["chosen"], row["rejected"]]
+            captions = [None, None]
+            caption = self._caption(row, ["prompt", "caption"])
+        if self.cfg.reverse_labels:
+            images, captions = images[::-1], captions[::-1]
+        decoded = [decode_image(im, self.root) for im in images]
+        pixels, orig, crop = self.transform(decoded, rng)
+        example = {"pixels_w": pixels[0], "pixels_l": pixels[1], "caption": caption, "row_id": row_id,
+                   "original_size": orig, "crop_top_left": crop}
+        if fmt == "dcpo":
+            for key, text in zip(("caption_w", "caption_l"), captions):
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError("missing per-image caption (caption_0/caption_1)")
+                example[key] = text
+            example["caption"] = caption if isinstance(caption, str) and caption else example["caption_w"]
+        return example
+
+
+def collate(examples: list[dict[str, Any] | BadRow]) -> dict[str, Any]:
+    """Stack good examples; bad ones are listed under `bad_rows` as (row_id, reason)."""
+    good = [e for e in examples if not isinstance(e, BadRow)]
+    batch: dict[str, Any] = {"bad_rows": [(e.row_id, e.reason) for e in examples if isinstance(e, BadRow)]}
+    batch["size"] = len(good)
+    if not good:
+        return batch
+    for key in ("pixels_w", "pixels_l", "pixels"):
+        if key in good[0]:
+            batch[key] = torch.stack([e[key] for e in good])
+    batch["captions"] = [e["caption"] for e in good]
+    for key in ("caption_w", "caption_l"):
+        if key in good[0]:
+            batch[key.replace("caption", "captions")] = [e[key] for e in good]
+    if "label" in good[0]:
+        batch["labels"] = torch.tensor([e.get("label", 1.0) for e in good])
+    if "original_size" in good[0]:
+        batch["original_sizes"] = torch.tensor([e["original_size"] for e in good])
+        batch["crop_top_lefts"] = torch.tensor([e["crop_top_left"] for e in good])
+    batch["row_ids"] = [e["row_id"] for e in good]
+    return batch
+
+
+class _MapRows(torch.utils.data.Dataset):
+    def __init__(self, rows, ids: list[int], decoder: RowDecoder):
+        self.rows, self.ids, self.decoder = rows, ids, decoder
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        return self.decoder(self.rows[self.ids[i]], self.ids[i], epoch)
+
+
+class _GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's slice of each global micro-batch, from micro-step `start` on, forever."""
+
+    def __init__(self, n: int, per_device: int, rank: int, world: int, seed: int, start: int = 0):
+        self.n, self.per_device, self.rank, self.world, self.seed, self.start = n, per_device, rank, world, seed, start
+        self.global_batch = per_device * world
+        self.batches_per_epoch = n // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"the data set has {n} usable rows, fewer than one global batch "
+                f"({per_device} per device x {world} processes); lower train_batch_size or add data"
+            )
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            epoch, b = divmod(step, self.batches_per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch))
+            lo = b * self.global_batch + self.rank * self.per_device
+            yield [(epoch, int(i)) for i in perm[lo : lo + self.per_device]]
+            step += 1
+
+
+class _StreamRows(torch.utils.data.IterableDataset):
+    """Streaming: shard by process, shuffle with a buffer, skip what a resumed run already consumed."""
+
+    def __init__(self, rows, decoder: RowDecoder, per_device: int, rank: int, world: int, seed: int,
+                 buffer: int, start: int):
+        self.rows, self.decoder, self.per_device = rows, decoder, per_device
+        self.rank, self.world, self.seed, self.buffer, self.start = rank, world, seed, buffer, start
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        shard = split_dataset_by_node(self.rows, rank=self.rank, world_size=self.world)
+        epoch, to_skip = 0, self.start * self.per_device
+        while True:
+            ds = shard.shuffle(seed=self.seed + epoch, buffer_size=self.buffer)
+            produced = 0
+            batch = []
+            for i, row in enumerate(ds):
+                produced += 1
+                if to_skip:
+                    to_skip -= 1
+                    continue
+                batch.append(self.decoder(row, f"{self.rank}:{epoch}:{i}", epoch))
+                if len(batch) == self.per_device:
+                    yield batch
+                    batch = []
+            if produced == 0:
+                raise DataError("the streaming data set yielded no rows")
+            epoch += 1
+
+
+@dataclass
+class TrainData:
+    """A data loader positioned at a micro-step, plus what is known about the source."""
+
+    loader: torch.utils.data.DataLoader
+    source: str
+    num_rows: int | None
+    dropped_ties: int = 0
+
+
+def build_train_data(
+    cfg: DataConfig, resolution: int, per_device: int, rank: int, world: int, seed: int,
+    start_micro_step: int = 0, num_workers: int = 0,
+) -> TrainData:
+    """The loader for this process, starting at global micro-step `start_micro_step`."""
+    rows, source = load_rows(cfg)
+    root = Path(cfg.image_root) if cfg.image_root else (Path(_expand_files(cfg.data_files)[0]).parent if cfg.data_files else None)
+    decoder = RowDecoder(cfg, resolution, seed, root)
+    if cfg.streaming:
+        ds = _StreamRows(rows, decoder, per_device, rank, world, seed, cfg.shuffle_buffer_size, start_micro_step)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(num_workers, 1),
+                                             collate_fn=collate)
+        return TrainData(loader, source, None)
+    ids = list(range(len(rows)))
+    dropped = 0
+    if cfg.format in ("pickapic", "dcpo") and cfg.drop_ties:
+        labels = rows["label_0"]
+        keep = [i for i in ids if labels[i] is None or labels[i] != 0.5]
+        dropped = len(ids) - len(keep)
+        ids = keep
+    if cfg.max_train_samples is not None:
+        ids = ids[: cfg.max_train_samples]
+    if not ids:
+        raise DataError(
+            f"{source}: no usable rows ({dropped} ties dropped); check data.format and data.drop_ties"
+        )
+    dataset = _MapRows(rows, ids, decoder)
+    sampler = _GlobalBatchSampler(len(ids), per_device, rank, world, seed, start_micro_step)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return TrainData(loader, source, len(ids), dropped)

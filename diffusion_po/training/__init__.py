@@ -1,0 +1,1 @@
+"""The shared trainer (accelerate), checkpoints and reference handling."""
