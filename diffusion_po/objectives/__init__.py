@@ -13,7 +13,7 @@ from diffusion_po.errors import ConfigError
 from diffusion_po.objectives.base import METHODS, Method, TrainContext, register_method
 
 # modules that register methods; a new method adds its module name here
-METHOD_MODULES = ["dpo"]
+METHOD_MODULES = ["dpo", "npo", "self_npo", "dcpo", "dro", "kto", "mapo", "sft", "robust_dpo", "dpo_sft"]
 
 
 def _import_all() -> None:
