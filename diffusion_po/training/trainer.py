@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,7 @@ class Trainer:
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision,
+            cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate start gloo processes on CPU-only machines
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / cfg.logging_dir)),
@@ -184,7 +186,9 @@ class Trainer:
         else:
             network.requires_grad_(True)
             if self.method.needs_reference:
-                self.reference = copy.deepcopy(network).to(self.weight_dtype).eval().requires_grad_(False)
+                self.reference = copy.deepcopy(network).eval().requires_grad_(False)
+                if self.weight_dtype != torch.float32:
+                    self.reference.to(self.weight_dtype)
         network.train()
         if cfg.gradient_checkpointing:
             network.enable_gradient_checkpointing()
@@ -342,7 +346,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.step([p for p in self.unwrapped.parameters() if p.requires_grad])
             self.method.on_optimizer_step(self.context, self.state.step)
-            logs = _average(window_metrics)
+            logs = self._global_average(_average(window_metrics))
             window_metrics = []
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
             logs["step"] = self.state.step
@@ -356,6 +360,8 @@ class Trainer:
             bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc") if k in logs})
             if self.state.step % cfg.checkpointing_steps == 0 or self.state.step == cfg.max_train_steps:
                 self.save_checkpoint()
+            if os.environ.get("DIFFUSION_PO_DIE_AFTER_STEP") == str(self.state.step):
+                os._exit(137)  # for tests: dies like a SIGKILL, without any clean-up
         bar.close()
         if self.state.step < cfg.max_train_steps:
             raise DataError(f"{data.source}: the data ran out after {self.state.step} steps")
@@ -366,6 +372,15 @@ class Trainer:
                       f"{self.state.nonfinite_total} non-finite steps; outputs in {self.output_dir}")
         acc.end_training()
         return self.output_dir
+
+    def _global_average(self, logs: dict[str, float]) -> dict[str, float]:
+        """Average the step's metrics over processes, so the log describes the global batch."""
+        if self.accelerator.num_processes == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
 
     def _note_bad_rows(self, batch: dict[str, Any]) -> None:
         bad = batch.get("bad_rows") or []

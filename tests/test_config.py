@@ -1,0 +1,77 @@
+"""Config loading: typed validation, overrides, errors that name the key and file."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from diffusion_po.config import DataConfig, TrainConfig, apply_overrides, load_train_config
+from diffusion_po.errors import ConfigError
+
+
+def write(tmp_path, data, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_loads_typed_values_and_sections(tmp_path):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "learning_rate": 1, "data": {"streaming": True}})
+    cfg = load_train_config(path)
+    assert isinstance(cfg, TrainConfig) and isinstance(cfg.data, DataConfig)
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.data.streaming is True
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "learning_rat": 1e-5})
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(path)
+    msg = str(exc.value)
+    assert "learning_rat" in msg and str(path) in msg and "learning_rate" in msg
+
+
+def test_unknown_nested_key_and_wrong_type(tmp_path):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "data": {"fromat": "pairs"}})
+    with pytest.raises(ConfigError, match=r"data\.fromat"):
+        load_train_config(path)
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "train_batch_size": "eight"})
+    with pytest.raises(ConfigError, match="train_batch_size.*integer"):
+        load_train_config(path)
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "mixed_precision": "fp8"})
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_train_config(path)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m"})
+    cfg = load_train_config(path, ["learning_rate=1e-5", "data.strict=true", "use_lora=true",
+                                   "lora_target_modules=[to_q, to_v]"])
+    assert cfg.learning_rate == 1e-5 and cfg.data.strict and cfg.use_lora
+    assert cfg.lora_target_modules == ["to_q", "to_v"]
+    with pytest.raises(ConfigError, match="overrides"):
+        load_train_config(path, ["beta_dpo=abc"])
+
+
+def test_cross_key_validation_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="pretrained_model_name_or_path"):
+        load_train_config(write(tmp_path, {}))
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        load_train_config(write(tmp_path, {"pretrained_model_name_or_path": "m", "label_smoothing": 0.7}))
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config(tmp_path / "nope.yaml")
+
+
+def test_apply_overrides_does_not_mutate_input():
+    data = {"data": {"split": "train"}}
+    out = apply_overrides(data, ["data.split=validation"])
+    assert data["data"]["split"] == "train" and out["data"]["split"] == "validation"
+
+
+@pytest.mark.parametrize("name", ["sd15_dpo.yaml", "sd15_dpo_lora.yaml", "sdxl_dpo_lora.yaml", "sd3_dpo_lora.yaml"])
+def test_shipped_configs_validate(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = load_train_config(path)
+    assert cfg.method == "dpo"
