@@ -47,6 +47,16 @@ class TrainContext(Protocol):
     def reference_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The frozen reference's prediction (LoRA disabled, or the frozen copy), without gradients."""
 
+    def autocast(self) -> Any:
+        """The run's mixed-precision context, for methods that call networks themselves."""
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a scalar over all processes, without grad."""
+
+    @property
+    def trainable_network(self) -> torch.nn.Module:
+        """The unwrapped network being trained (for EMA teachers and policy snapshots)."""
+
 
 class Method:
     """A training method: how a batch becomes model inputs, and its loss. Subclasses register by `name`."""
@@ -65,6 +75,9 @@ class Method:
 
     def compute_loss(self, ctx: TrainContext, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Called once after the trainer has built the network (teachers, snapshots, buffers)."""
 
     def on_optimizer_step(self, ctx: TrainContext, step: int) -> None:
         """Called after every optimizer step (EMA teachers, policy snapshots)."""

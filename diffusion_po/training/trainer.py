@@ -129,6 +129,18 @@ class Context:
         with self._t.reference_network() as ref, self._t.accelerator.autocast():
             return self.family.predict(ref, x_t, t, cond)
 
+    def autocast(self):
+        """The run's mixed-precision context (for methods that call networks themselves)."""
+        return self._t.accelerator.autocast()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a scalar over all processes (e.g. KTO's batch reference point), without grad."""
+        acc = self._t.accelerator
+        value = value.detach()
+        if acc.num_processes == 1:
+            return value
+        return acc.reduce(value.reshape(1).to(acc.device), reduction="mean").reshape(())
+
     @property
     def trainable_network(self) -> torch.nn.Module:
         """The unwrapped network being trained (for methods that snapshot it, e.g. an EMA teacher)."""
