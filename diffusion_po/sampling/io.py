@@ -1,0 +1,147 @@
+"""Prompt files in, PNGs with metadata, `manifest.jsonl` and a grid out."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from diffusion_po.errors import DataError, UserError
+from diffusion_po.sampling.sampler import weighted
+
+PromptRow = dict[str, Any]  # {"prompt", optional "negative_prompt", "positive_prompts", "seeds", "id"}
+
+
+def parse_weighted(text: str) -> tuple[str, float]:
+    """"red:1.5" -> ("red", 1.5); "red" -> ("red", 1.0). A trailing ":<number>" is the weight."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head.strip(), float(tail)
+        except ValueError:
+            pass
+    return text.strip(), 1.0
+
+
+def _weighted_field(value: Any, where: str) -> list[tuple[str, float]]:
+    """A jsonl field: "text", ["a", "b"], [["a", 1.5]], or [{"text": "a", "weight": 1.5}]."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [(value, 1.0)]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: expected a string or a list, got {type(value).__name__}")
+    out = []
+    for v in value:
+        if isinstance(v, dict):
+            if "text" not in v:
+                raise DataError(f"{where}: an entry {v} has no 'text'")
+            out.append((str(v["text"]), float(v.get("weight", 1.0))))
+        elif isinstance(v, (list, tuple)) and len(v) == 2:
+            out.append((str(v[0]), float(v[1])))
+        elif isinstance(v, str):
+            out.append((v, 1.0))
+        else:
+            raise DataError(f"{where}: cannot read entry {v!r}; use \"text\", [\"text\", weight] or {{\"text\", \"weight\"}}")
+    return out
+
+
+def read_prompt_file(path: str | Path) -> list[PromptRow]:
+    """Prompts from a .txt (one per line, blank lines skipped) or .jsonl file (one object per line with
+    "prompt" (or "caption"/"text"), optional "negative_prompt", "positive_prompts", "seeds", "id")."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prompt file '{path}' does not exist")
+    rows: list[PromptRow] = []
+    if p.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if isinstance(obj, str):
+                obj = {"prompt": obj}
+            text = obj.get("prompt", obj.get("caption", obj.get("text")))
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{n}: no 'prompt' string (keys: {', '.join(obj)})")
+            row: PromptRow = {"prompt": text, "id": obj.get("id", len(rows))}
+            row["negatives"] = _weighted_field(obj.get("negative_prompt", obj.get("negative_prompts")), f"{path}:{n}")
+            row["positives"] = _weighted_field(obj.get("positive_prompts"), f"{path}:{n}")
+            if "seeds" in obj or "seed" in obj:
+                seeds = obj.get("seeds", obj.get("seed"))
+                row["seeds"] = [int(s) for s in (seeds if isinstance(seeds, list) else [seeds])]
+            rows.append(row)
+    elif p.suffix.lower() in (".txt", ".csv", ""):
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rows.append({"prompt": line.strip(), "id": len(rows), "negatives": [], "positives": []})
+    else:
+        raise DataError(f"prompt file '{path}': use .txt (one prompt per line) or .jsonl")
+    if not rows:
+        raise DataError(f"prompt file '{path}' has no prompts")
+    return rows
+
+
+def shipped_prompt_set(name: str) -> list[PromptRow]:
+    """A prompt set shipped with `diffusion_po.eval.prompts` (if that module is installed)."""
+    try:
+        from diffusion_po.eval import prompts as prompt_sets  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise UserError(f"prompt set '{name}': diffusion_po.eval.prompts is not available in this version") from exc
+    for fn_name in ("load_prompt_set", "load_prompts", "get_prompts"):
+        fn = getattr(prompt_sets, fn_name, None)
+        if fn is not None:
+            try:
+                items = fn(name)
+            except (KeyError, ValueError, FileNotFoundError) as exc:
+                raise UserError(f"unknown prompt set '{name}': {exc}") from exc
+            rows = []
+            for i, it in enumerate(items):
+                text = it if isinstance(it, str) else (it.get("prompt") if isinstance(it, dict) else getattr(it, "prompt", None))
+                if text is None:
+                    raise UserError(f"prompt set '{name}': cannot read item {i}")
+                rows.append({"prompt": str(text), "id": i, "negatives": [], "positives": []})
+            return rows
+    raise UserError("diffusion_po.eval.prompts has no load_prompt_set(name)")
+
+
+def png_info(meta: dict[str, Any]):
+    """PNG text chunks: 'prompt', 'negative_prompt', 'seed', and all settings as JSON under 'diffusion_po'."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", str(meta.get("prompt", "")))
+    negs = meta.get("negatives") or []
+    info.add_text("negative_prompt", ", ".join(f"{t}:{w:g}" if w != 1 else t for t, w in negs))
+    info.add_text("seed", str(meta.get("seed", "")))
+    info.add_text("diffusion_po", json.dumps(meta, sort_keys=True))
+    return info
+
+
+def read_png_metadata(path: str | Path) -> dict[str, Any]:
+    """The settings a PNG was generated with (the 'diffusion_po' text chunk)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = dict(getattr(im, "text", {}) or im.info)
+    return json.loads(text["diffusion_po"]) if "diffusion_po" in text else {}
+
+
+def make_grid(images: list[Any], cols: int) -> Any:
+    """Tile equally sized PIL images row-major, `cols` per row."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images for the grid")
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+__all__ = ["make_grid", "parse_weighted", "png_info", "read_png_metadata", "read_prompt_file", "shipped_prompt_set", "weighted"]

@@ -1,0 +1,307 @@
+"""The guided denoising loop over a stock diffusers pipeline.
+
+    from diffusion_po.guidance import PerpNeg
+    from diffusion_po.sampling import GuidedSampler
+    images = GuidedSampler(pipe, guidance=PerpNeg(7.5))("a red circle and a blue square",
+                                                         negative_prompt=[("red", 1.5)], seeds=[0, 1])
+
+Per step: the latents are scaled once with the scheduler's `scale_model_input` (respected for every
+scheduler; the NPO reference SD pipeline skips it, which is wrong for Euler-type schedulers), every
+branch of every image goes through one batched forward (two when the negative model is a separate
+network; an NPO LoRA shares the forward through mixed-adapter batches), the guidance combines the
+branch predictions, and the scheduler steps. Each image has its own CPU generator seeded by its seed,
+so an image depends only on its seed and settings, not on the batch it was generated in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffusion_po.guidance import CFG, Branch, Guidance
+from diffusion_po.sampling.adapters import Cond, PipelineAdapter, adapter_for, cat_cond, slice_cond
+from diffusion_po.sampling.negative import BASE_ADAPTER, NegativeModel, mixed_adapter_batch
+
+WeightedPrompts = Sequence[str | tuple[str, float]]
+
+
+@dataclass
+class PromptSpec:
+    """One image request: the main prompt, weighted negatives and extra positives, and a seed."""
+
+    prompt: str
+    seed: int = 0
+    negatives: list[tuple[str, float]] = field(default_factory=list)
+    positives: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def structure(self) -> tuple[int, int]:
+        return len(self.positives), len(self.negatives)
+
+
+def weighted(prompts: WeightedPrompts | str | None) -> list[tuple[str, float]]:
+    """Normalise "text", ["a", ("b", 1.5)] or None to [(text, weight)]."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, str):
+        return [(prompts, 1.0)]
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append((p, 1.0))
+        else:
+            text, w = p
+            out.append((str(text), float(w)))
+    return out
+
+
+@dataclass
+class SamplingState:
+    """Everything one batch's denoising loop carries between steps (exposed for benchmarks)."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    branches: list[Branch]
+    cond: Cond  # all branches' rows, branch-major: rows [k*B, (k+1)*B) are branch k
+    on_negative: list[bool]  # per branch: computed by the negative model
+    pos_weights: torch.Tensor
+    neg_weights: torch.Tensor
+    step_kwargs: dict[str, Any]
+    extra: dict[str, Any]
+
+
+class GuidedSampler:
+    """Sample from a stock diffusers pipeline with any `diffusion_po.guidance` method.
+
+    pipe: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` (or a
+    `diffusion_po.families.Family`). Any diffusers scheduler: set `pipe.scheduler` as usual.
+    guidance: `CFG(7.5)` by default (the family's usual scale).
+    negative_model: a `NegativeModel` (NPO) or None.
+    batch_branches: False runs each branch in its own forward (the reference Perp-Neg's way, less memory).
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        guidance: Guidance | None = None,
+        negative_model: NegativeModel | None = None,
+        batch_branches: bool = True,
+        progress: bool = False,
+    ):
+        self.adapter: PipelineAdapter = adapter_for(pipe)
+        self.pipe = self.adapter.pipe
+        self.guidance = guidance if guidance is not None else CFG(self.adapter.default_scale)
+        if self.guidance.requires_negative_model and negative_model is None:
+            raise ValueError(f"'{self.guidance.name}' guidance needs a negative model (an NPO LoRA or network)")
+        self.negative_model = negative_model
+        self.batch_branches = batch_branches
+        self.progress = progress
+
+    # ------------------------------------------------------------------ public
+    def __call__(
+        self,
+        prompt: str | Sequence[str | PromptSpec],
+        negative_prompt: WeightedPrompts | str | None = None,
+        *,
+        positive_prompts: WeightedPrompts | None = None,
+        seeds: Sequence[int] | int | None = None,
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+    ) -> Any:
+        """Generate one image per prompt (per `PromptSpec`); all in one batch.
+
+        negative_prompt / positive_prompts apply to every plain-string prompt: "text" or
+        [("text", weight), ...]. seeds: one per prompt, or a base seed (image i gets base + i); default 0.
+        Returns a list of PIL images (output_type "pil"), or what `image_processor.postprocess` returns
+        for "np"/"pt", or the final latents for "latent".
+        """
+        specs = self.specs(prompt, negative_prompt, positive_prompts, seeds)
+        return self.sample_batch(specs, num_inference_steps, height, width, latents, eta, output_type)
+
+    @staticmethod
+    def specs(
+        prompt: str | Sequence[str | PromptSpec],
+        negative_prompt: WeightedPrompts | str | None = None,
+        positive_prompts: WeightedPrompts | None = None,
+        seeds: Sequence[int] | int | None = None,
+    ) -> list[PromptSpec]:
+        prompts = [prompt] if isinstance(prompt, (str, PromptSpec)) else list(prompt)
+        if seeds is None:
+            seeds = 0
+        seed_list = [int(seeds) + i for i in range(len(prompts))] if isinstance(seeds, int) else [int(s) for s in seeds]
+        if len(seed_list) != len(prompts):
+            raise ValueError(f"got {len(seed_list)} seeds for {len(prompts)} prompts")
+        negs, poss = weighted(negative_prompt), weighted(positive_prompts)
+        out = []
+        for p, s in zip(prompts, seed_list):
+            if isinstance(p, PromptSpec):
+                out.append(p)
+            else:
+                out.append(PromptSpec(str(p), s, list(negs), list(poss)))
+        return out
+
+    @torch.no_grad()
+    def sample_batch(
+        self,
+        specs: list[PromptSpec],
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+    ) -> Any:
+        """Run the whole loop for one batch of `PromptSpec`s (same numbers of negatives/positives)."""
+        state = self.prepare(specs, num_inference_steps, height, width, latents, eta)
+        steps = state.timesteps
+        iterator = steps
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(steps, desc="denoising", leave=False)
+        for t in iterator:
+            state.latents = self.step(state, t)
+        return self.adapter.decode(state.latents, output_type)
+
+    # ------------------------------------------------------------------ internals
+    def prepare(
+        self,
+        specs: list[PromptSpec],
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+    ) -> SamplingState:
+        """Encode every branch's prompts, draw the latents, set the scheduler's timesteps."""
+        if not specs:
+            raise ValueError("no prompts to sample")
+        structures = {s.structure for s in specs}
+        if len(structures) != 1:
+            raise ValueError("a batch must share the numbers of extra positives and negatives; use generate() to group")
+        n_pos, n_neg = structures.pop()
+        ad = self.adapter
+        dh, dw = ad.default_size()
+        height, width = int(height or dh), int(width or dw)
+        multiple = ad.vae_scale_factor * (2 if ad.family == "sd3" else 1)
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        b = len(specs)
+        branches = self.guidance.branches(n_pos, n_neg)
+
+        # encode all prompt texts in one call, the unconditional branch the stock pipeline's way
+        texts: list[str] = []
+        spans: dict[Branch, tuple[int, int]] = {}
+        for br in branches:
+            if br.kind == "uncond":
+                continue
+            if br.kind == "pos":
+                rows = [s.prompt if br.index == 0 else s.positives[br.index - 1][0] for s in specs]
+            else:
+                rows = [s.negatives[br.index][0] for s in specs]
+            spans[br] = (len(texts), len(texts) + b)
+            texts.extend(rows)
+        encoded = ad.encode(texts, height, width) if texts else None
+        per_branch = []
+        for br in branches:
+            if br.kind == "uncond":
+                per_branch.append(ad.empty(b, height, width))
+            else:
+                per_branch.append(slice_cond(encoded, *spans[br]))
+        cond = cat_cond(per_branch)
+
+        neg_kinds = set(self.negative_model.kinds) if self.negative_model else set()
+        on_negative = [br.kind in neg_kinds for br in branches]
+        pos_w = torch.tensor([[w for _, w in s.positives] for s in specs], dtype=torch.float32).reshape(b, n_pos)
+        neg_w = torch.tensor([[w for _, w in s.negatives] for s in specs], dtype=torch.float32).reshape(b, n_neg)
+        if (neg_w < 0).any():
+            raise ValueError("negative-prompt weights must be >= 0 (they are subtracted; give 1.5, not -1.5)")
+        if isinstance(self.guidance, CFG) and n_neg == 1 and not torch.all(neg_w == 1):
+            raise ValueError("'cfg' uses a single negative prompt in place of the empty prompt; its weight must be 1")
+
+        generators = [torch.Generator("cpu").manual_seed(int(s.seed)) for s in specs]
+        # timesteps first: `init_noise_sigma` (Euler-type schedulers) depends on the schedule
+        steps = int(num_inference_steps or ad.default_steps)
+        latent_shape = (b, int(ad.network.config.in_channels), height // ad.vae_scale_factor, width // ad.vae_scale_factor)
+        timesteps = ad.timesteps(steps, latent_shape)
+        if latents is not None:
+            latents = latents.to(device=ad.device, dtype=ad.dtype)
+        latents = ad.prepare_latents(b, height, width, generators, latents)  # scales by init_noise_sigma as stock
+        extra: dict[str, Any] = {}
+        proj = getattr(ad.network.config, "time_cond_proj_dim", None)
+        if proj is not None and hasattr(self.pipe, "get_guidance_scale_embedding"):
+            w = torch.tensor(self.guidance.scale - 1).repeat(b)
+            extra["timestep_cond"] = self.pipe.get_guidance_scale_embedding(w, embedding_dim=proj).to(ad.device, ad.dtype)
+        return SamplingState(
+            latents=latents,
+            timesteps=timesteps,
+            branches=branches,
+            cond=cond,
+            on_negative=on_negative,
+            pos_weights=pos_w.to(ad.device),
+            neg_weights=neg_w.to(ad.device),
+            step_kwargs=ad.step_kwargs(generators, eta),
+            extra=extra,
+        )
+
+    def predict_branches(self, state: SamplingState, x: torch.Tensor, t: torch.Tensor) -> dict[Branch, torch.Tensor]:
+        """All branch predictions at (x, t): one forward per weight set (or per branch if not batched)."""
+        ad, nb, b = self.adapter, len(state.branches), x.shape[0]
+        extra = dict(state.extra)
+
+        def run(network, idx: list[int], adapter_names: list[str] | None = None) -> torch.Tensor:
+            rows = torch.cat([torch.arange(i * b, (i + 1) * b) for i in idx]).to(x.device)
+            cond = {k: v[rows] for k, v in state.cond.items()}
+            x_in = x.repeat(len(idx), *([1] * (x.dim() - 1)))
+            kw = {k: v.repeat(len(idx), *([1] * (v.dim() - 1))) for k, v in extra.items()}
+            if adapter_names is None:
+                return ad.forward(network, x_in, t, cond, **kw)
+            with mixed_adapter_batch(network, [n for n in adapter_names for _ in range(b)]):
+                return ad.forward(network, x_in, t, cond, **kw)
+
+        neg = self.negative_model
+        groups: list[tuple[torch.nn.Module, list[int], list[str] | None]] = []
+        all_idx = list(range(nb))
+        if neg is None or not any(state.on_negative):
+            groups.append((ad.network, all_idx, self._base_names(all_idx)))
+        elif neg.adapter is not None:
+            names = [neg.adapter if state.on_negative[i] else BASE_ADAPTER for i in all_idx]
+            groups.append((ad.network, all_idx, names))
+        else:
+            pos_idx = [i for i in all_idx if not state.on_negative[i]]
+            neg_idx = [i for i in all_idx if state.on_negative[i]]
+            if pos_idx:
+                groups.append((ad.network, pos_idx, self._base_names(pos_idx)))
+            groups.append((neg.network, neg_idx, None))
+        if not self.batch_branches:
+            groups = [(net, [i], None if names is None else [names[j]]) for net, idx, names in groups for j, i in enumerate(idx)]
+
+        preds: dict[Branch, torch.Tensor] = {}
+        for net, idx, names in groups:
+            out = run(net, idx, names)
+            for j, i in enumerate(idx):
+                preds[state.branches[i]] = out[j * b : (j + 1) * b]
+        return preds
+
+    def _base_names(self, idx: list[int]) -> list[str] | None:
+        """With an NPO adapter on the network, positive-only forwards must switch it off: `__base__` rows."""
+        if self.negative_model is not None and self.negative_model.adapter is not None:
+            return [BASE_ADAPTER] * len(idx)
+        return None
+
+    def step(self, state: SamplingState, t: torch.Tensor) -> torch.Tensor:
+        """One denoising step: scale_model_input, all branches, guidance, scheduler step. Returns new latents."""
+        sched = self.pipe.scheduler
+        x = self.adapter.scale_model_input(state.latents, t)
+        preds = self.predict_branches(state, x, t)
+        guided = self.guidance.combine(preds, state.pos_weights, state.neg_weights)
+        dtype = state.latents.dtype
+        out = sched.step(guided.to(dtype), t, state.latents, **state.step_kwargs, return_dict=False)[0]
+        return out.to(dtype)
