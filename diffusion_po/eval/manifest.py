@@ -24,7 +24,7 @@ RUN_INFO = "run.json"
 
 
 def read_jsonl(path: Path, *, tolerate_partial_last_line: bool = True) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a truncated last line (an interrupted write) is ignored."""
+    """Rows of a JSONL file; truncated lines left by an interrupted write are ignored."""
     if not path.is_file():
         return []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -35,8 +35,10 @@ def read_jsonl(path: Path, *, tolerate_partial_last_line: bool = True) -> list[d
         try:
             row = json.loads(line)
         except ValueError as exc:
-            if tolerate_partial_last_line and n == len(lines):
-                break
+            # a write cut short by an interruption: the last line, or a line that a later append
+            # terminated (a truncated object does not end with '}')
+            if tolerate_partial_last_line and (n == len(lines) or not line.rstrip().endswith("}")):
+                continue
             raise DataError(f"{path}:{n}: invalid JSON ({exc})") from exc
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object")
