@@ -108,3 +108,21 @@ def test_npo_feeds_the_rejected_image_as_winner(tiny_sd, data):
         batches[method] = next(iter(loaded.loader))
     assert torch.equal(batches["npo"]["pixels_w"], batches["dpo"]["pixels_l"])
     assert torch.equal(batches["npo"]["pixels_l"], batches["dpo"]["pixels_w"])
+
+
+MY_CONFIGS = ["sd15_npo_lora", "sdxl_npo_lora", "sd15_self_npo", "sdxl_self_npo", "sd21_dcpo", "sd15_dcpo",
+              "sdxl_dcpo_lora", "sd15_dro", "sdxl_dro", "sd15_kto", "sdxl_kto_lora", "sdxl_mapo", "sdxl_mapo_lora",
+              "sd15_mapo"]
+
+
+@pytest.mark.parametrize("name", MY_CONFIGS)
+def test_recipe_configs_validate(name):
+    """Every shipped recipe loads, validates, and its method accepts its method_options and data format."""
+    from diffusion_po.config import load_train_config
+    from diffusion_po.objectives import get_method_class
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_train_config(path)
+    cls = get_method_class(cfg.method)
+    assert cfg.data.format in cls.data_formats
+    cls(cfg)
