@@ -378,3 +378,37 @@ def test_cli_errors_are_user_errors(tmp_path, capsys):
     assert "prefetch" in capsys.readouterr().err
     assert main(["eval", "prefetch", "--models-root", str(tmp_path / "m"), "--metrics", "hps_v2", "--dry-run"]) == 0
     assert "HPSv2/HPS_v2_compressed.pt" in capsys.readouterr().out
+
+
+def test_hps_export_roundtrip(tiny_sd, tmp_path):
+    from diffusion_po.eval.importer import export_hps, import_folder
+    from diffusion_po.eval.prompts import load_hpsv2
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        (bench / f"{style}.json").write_text(json.dumps([f"{style} {i}" for i in range(2)]))
+    run = generate_images(GenerateConfig(model=tiny_sd, prompts=f"hpsv2:{bench}", n=2, steps=1), tmp_path / "run",
+                          progress=False)
+    assert export_hps(run, tmp_path / "hps") == 8
+    assert sorted(p.name for p in (tmp_path / "hps" / "photo").iterdir()) == ["00000.jpg", "00001.jpg"]
+    _, n, missing = import_folder(tmp_path / "hps", load_hpsv2(bench), "hps")
+    assert (n, missing) == (8, 0)
+
+
+def test_parity_command(models_root, tmp_path, capsys):
+    from diffusion_po.eval.parity import DEMO_PROMPT
+
+    img = tmp_path / "demo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(img)
+    (pick,) = _scorers(models_root, ("pickscore",))
+    ours = pick.score([Image.open(img).convert("RGB")], DEMO_PROMPT)[0]
+    base = ["eval", "parity", "--image", str(img), "--metrics", "pickscore", "--models-root", str(models_root)]
+    (tmp_path / "good.json").write_text(json.dumps({"pickscore": ours + 0.01}))
+    assert main([*base, "--official", str(tmp_path / "good.json"), "--out", str(tmp_path / "r.json")]) == 0
+    assert "OK  pickscore" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["prompts"] == [DEMO_PROMPT] and result["ok"]
+    (tmp_path / "bad.json").write_text(json.dumps({"pickscore": [ours + 1.0]}))
+    assert main([*base, "--official", str(tmp_path / "bad.json")]) == 1
+    assert "BAD pickscore" in capsys.readouterr().out

@@ -379,3 +379,24 @@ def test_option_parsing():
         parse_checkpoint_options(["pickscore.arch=x"])
     with pytest.raises(UserError):
         parse_checkpoint_options(["pickscore"])
+
+
+def test_fast_clip_transform_equals_the_processor():
+    """The direct PIL path of HFImageTransform gives the processor's tensors for any size and mode."""
+    from transformers import CLIPImageProcessorPil
+
+    from diffusion_po.eval.scorers.hf_clip import HFImageTransform
+
+    rng = np.random.default_rng(0)
+    for shortest, crop in ((32, 32), (30, 24)):
+        proc = CLIPImageProcessorPil(size={"shortest_edge": shortest}, crop_size={"height": crop, "width": crop})
+        transform = HFImageTransform(proc)
+        assert transform.fast
+        for w, h in ((64, 64), (48, 40), (40, 48), (33, 97), (96, 64), (32, 32), (7, 9)):
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            expected = proc(images=img, return_tensors="pt")["pixel_values"][0]
+            torch.testing.assert_close(transform(img), expected, atol=1e-5, rtol=0)
+        rgba = Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
+        torch.testing.assert_close(transform(rgba), proc(images=rgba, return_tensors="pt")["pixel_values"][0])
+    odd = CLIPImageProcessorPil(size={"height": 32, "width": 32})
+    assert not HFImageTransform(odd).fast

@@ -1,7 +1,7 @@
 """`diffusion-po eval`: generate benchmark images, score them, compare two models, write reports.
 
-Sub-commands: generate, score, compare, benchmark, import, prompts, prefetch, geneval-export,
-geneval-summary, parity. See docs/evaluation.md.
+Sub-commands: generate, score, compare, benchmark, import, prompts, prefetch, hps-export,
+geneval-export, geneval-summary, parity. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -143,6 +143,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--link", action="store_true", help="hard-link instead of copying")
     p.set_defaults(func=run_geneval_export)
+
+    p = esub.add_parser("hps-export", help="export a run on hpsv2:DIR prompts as <style>/<index>.jpg (hpsv2 layout)")
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_hps_export)
 
     p = esub.add_parser("geneval-summary", help="summarise GenEval's results.jsonl")
     p.add_argument("results")
@@ -316,6 +321,14 @@ def run_geneval_export(args: argparse.Namespace) -> int:
 
     n = export_geneval(args.images, args.out, link=args.link)
     print(f"exported {n} images to {args.out} (GenEval layout)")
+    return 0
+
+
+def run_hps_export(args: argparse.Namespace) -> int:
+    from diffusion_po.eval.importer import export_hps
+
+    n = export_hps(args.images, args.out)
+    print(f"exported {n} images to {args.out} (hpsv2.evaluate layout)")
     return 0
 
 

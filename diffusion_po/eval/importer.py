@@ -57,3 +57,28 @@ def import_folder(images: str | Path, prompt_set: PromptSet, layout: str = "flat
     append_jsonl(target, rows)
     covered = {r["prompt_index"] for r in rows}
     return target, len(rows), len(prompt_set) - len(covered)
+
+
+def export_hps(run: str | Path, out: str | Path) -> int:
+    """Write the first image (k = 0) of each prompt of a run generated on ``hpsv2:DIR`` in the layout
+    ``hpsv2.evaluate`` reads: ``<out>/<style>/<index:05d>.jpg`` (JPEG, quality 95; the official
+    evaluator only reads .jpg). Returns the number of images written."""
+    from PIL import Image
+
+    from diffusion_po.eval.manifest import read_manifest
+
+    out = Path(out)
+    count = 0
+    for row in read_manifest(run, require_images=True):
+        pid = str(row.get("prompt_id") or "")
+        style, _, index = pid.partition("/")
+        if not index.isdigit() or not style:
+            raise DataError(f"{row['image']}: prompt_id '{pid}' is not '<style>/<index>'; generate with --prompts hpsv2:DIR")
+        if int(row.get("k") or 0) != 0:
+            continue
+        target = out / style / f"{int(index):05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(row["_path"]) as im:
+            im.convert("RGB").save(target, format="JPEG", quality=95)
+        count += 1
+    return count

@@ -46,7 +46,7 @@ class ImageBatchDataset(Dataset):
         try:
             with Image.open(path) as im:
                 im.load()
-                image = im.convert("RGB") if im.mode not in ("RGB",) else im.copy()
+                image = im.copy()  # each scorer transform converts to RGB its own way
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             return {"i": i, "error": f"{path}: cannot read image ({type(exc).__name__}: {exc})"}
         return {"i": i, "pixels": {key: t(image) for key, t in self.transforms.items()}}
@@ -111,6 +111,7 @@ def score_run(
     timing = {s.name: 0.0 for s in scorers}
     counted = {s.name: 0 for s in scorers}
     errors: list[str] = []
+    data_wait = 0.0  # time the loop waited for decoded batches (decode/preprocess-bound when large)
     t_start = time.perf_counter()
     if todo:
         loader = DataLoader(
@@ -125,7 +126,9 @@ def score_run(
         )
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="score", unit="img", disable=not progress)
         try:
+            t_wait = time.perf_counter()
             for batch in loader:
+                data_wait += time.perf_counter() - t_wait
                 if batch["errors"]:
                     if not skip_bad_images:
                         raise DataError(
@@ -157,6 +160,7 @@ def score_run(
                         done[s.name].add(batch_rows[j]["image"])
                 append_jsonl(jsonl, new_rows)
                 bar.update(len(batch["i"]) + len(batch["errors"]))
+                t_wait = time.perf_counter()
         finally:
             bar.close()
     wall = time.perf_counter() - t_start
@@ -170,6 +174,10 @@ def score_run(
             "images_per_second": round(len(todo) / wall, 2) if todo and wall > 0 else None,
             "batch_size": batch_size,
             "num_workers": workers,
+            # where the wall time went: waiting for images, in the scorers, the rest (collate, writes)
+            "data_wait_seconds": round(data_wait, 3),
+            "model_seconds": round(sum(timing.values()), 3),
+            "other_seconds": round(max(0.0, wall - data_wait - sum(timing.values())), 3),
             "per_scorer_images_per_second": {
                 k: (round(counted[k] / timing[k], 2) if timing[k] > 0 else None) for k in timing
             },

@@ -36,7 +36,7 @@ def save_tiny_clip(folder: str | Path, seed: int = 0, image_size: int = 32, proj
         },
         vision_config={
             "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "image_size": image_size, "patch_size": 8, "hidden_act": "quick_gelu",
+            "image_size": image_size, "patch_size": 8 if image_size <= 64 else 16, "hidden_act": "quick_gelu",
         },
         projection_dim=projection_dim,
     )
@@ -51,20 +51,25 @@ def save_tiny_clip(folder: str | Path, seed: int = 0, image_size: int = 32, proj
     return folder
 
 
-def save_tiny_open_clip_config(path: str | Path) -> Path:
+def save_tiny_open_clip_config(path: str | Path, image_size: int = 32) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=1))
+    cfg = json.loads(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    cfg["vision_cfg"]["image_size"] = image_size
+    cfg["vision_cfg"]["patch_size"] = 8 if image_size <= 64 else 14
+    path.write_text(json.dumps(cfg, indent=1))
     return path
 
 
-def save_tiny_hps(folder: str | Path, filename: str = "HPS_v2.1_compressed.pt", seed: int = 0) -> tuple[Path, Path]:
+def save_tiny_hps(
+    folder: str | Path, filename: str = "HPS_v2.1_compressed.pt", seed: int = 0, image_size: int = 32
+) -> tuple[Path, Path]:
     """A tiny open_clip model saved like ``HPS_v2*_compressed.pt`` (``{'state_dict': fp16 tensors}``).
     Returns (architecture config json, checkpoint)."""
     import open_clip
 
     folder = Path(folder)
-    config = save_tiny_open_clip_config(folder / "tiny-hps.json")
+    config = save_tiny_open_clip_config(folder / "tiny-hps.json", image_size)
     open_clip.add_model_config(config)
     torch.manual_seed(seed)
     model = open_clip.create_model(config.stem, pretrained=None)
@@ -91,13 +96,14 @@ def save_tiny_aesthetic(path: str | Path, input_size: int = 16, seed: int = 0) -
     return path
 
 
-def build_tiny_models_root(root: str | Path) -> Path:
-    """A full ``--models-root`` layout with tiny models; returns ``root``."""
+def build_tiny_models_root(root: str | Path, image_size: int = 32) -> Path:
+    """A full ``--models-root`` layout with tiny models; returns ``root``. ``image_size=224`` gives the real
+    preprocessing cost (224 crops) with tiny networks, for throughput checks of the scoring loop."""
     root = Path(root)
-    save_tiny_clip(root / "PickScore_v1", seed=1)
-    save_tiny_clip(root / "clip-vit-large-patch14", seed=2)
-    _, v21 = save_tiny_hps(root / "HPSv2", "HPS_v2.1_compressed.pt", seed=3)
-    save_tiny_hps(root / "HPSv2", "HPS_v2_compressed.pt", seed=4)
+    save_tiny_clip(root / "PickScore_v1", seed=1, image_size=image_size)
+    save_tiny_clip(root / "clip-vit-large-patch14", seed=2, image_size=image_size)
+    save_tiny_hps(root / "HPSv2", "HPS_v2.1_compressed.pt", seed=3, image_size=image_size)
+    save_tiny_hps(root / "HPSv2", "HPS_v2_compressed.pt", seed=4, image_size=image_size)
     save_tiny_aesthetic(root / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth", input_size=16, seed=5)
     return root
 

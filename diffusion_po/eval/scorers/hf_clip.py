@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -78,12 +79,49 @@ def load_tokenizer(path: Path, what: str) -> Any:
 
 
 class HFImageTransform:
-    """Picklable wrapper: PIL image -> (3, H, W) tensor through a transformers image processor."""
+    """PIL image -> (3, H, W) tensor, the CLIP image processor's computation.
+
+    For the standard CLIP settings (resize shortest edge with PIL bicubic, centre crop, rescale,
+    normalise) the same steps are done here directly on the PIL image, which is several times faster
+    than the processor call (tested equal to it); other settings go through the processor itself."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
+        size = dict(getattr(processor, "size", None) or {})
+        crop = dict(getattr(processor, "crop_size", None) or {})
+        resample = getattr(processor, "resample", None)
+        self.fast = (
+            bool(getattr(processor, "do_resize", False))
+            and bool(getattr(processor, "do_center_crop", False))
+            and bool(getattr(processor, "do_rescale", False))
+            and bool(getattr(processor, "do_normalize", False))
+            and bool(getattr(processor, "do_convert_rgb", True))
+            and set(size) == {"shortest_edge"}
+            and {"height", "width"} <= set(crop)
+            and resample is not None
+            and int(resample) == int(Image.BICUBIC)
+        )
+        if self.fast:
+            self.shortest = int(size["shortest_edge"])
+            self.crop = (int(crop["height"]), int(crop["width"]))
+            self.scale = float(processor.rescale_factor)
+            self.mean = np.asarray(processor.image_mean, dtype=np.float32)
+            self.std = np.asarray(processor.image_std, dtype=np.float32)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.fast and image.mode == "RGB":  # other modes: the processor's own RGB conversion
+            img = image
+            w, h = img.size
+            s = self.shortest
+            nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+            ch, cw = self.crop
+            if ch <= nh and cw <= nw:
+                if (nw, nh) != (w, h):
+                    img = img.resize((nw, nh), Image.BICUBIC)
+                top, left = (nh - ch) // 2, (nw - cw) // 2
+                arr = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.float32) * self.scale
+                arr = (arr - self.mean) / self.std
+                return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -35,7 +36,8 @@ class ResizeMaxSizeTransform:
         self.std = list(std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        x = TF.to_tensor(image.convert("RGB"))
+        # == TF.to_tensor (bit-exact), without its slow contiguous uint8 copy
+        x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float().div(255)
         height, width = x.shape[1:]
         scale = self.size / float(max(height, width))
         if scale != 1.0:
