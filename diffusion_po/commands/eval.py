@@ -43,12 +43,20 @@ def _add_generation_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--scheduler", default=None, help="diffusers scheduler class name, e.g. DPMSolverMultistepScheduler")
+    _add_guidance_args(p)
     p.add_argument("--gen-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="pipeline dtype (auto: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg"])
     p.add_argument("--start", type=int, default=0, help="first prompt index")
     p.add_argument("--limit", type=int, default=None, help="number of prompts (default: all)")
     p.add_argument("--gen-batch-size", type=int, default=4, help="images per pipeline call")
+
+
+def _add_guidance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance", default=None, choices=["cfg", "perp-neg", "npo", "composable"],
+                   help="sample through diffusion_po.sampling with this guidance (default: the stock pipeline call)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--npo-lora", default=None, help="NPO LoRA for the negative branch (implies the sampler)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,6 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--scheduler", default=None)
+    _add_guidance_args(p)
     p.add_argument("--gen-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg"])
     p.add_argument("--start", type=int, default=0)
@@ -192,6 +201,7 @@ def _generation_config(args: argparse.Namespace, model: str, lora: str | None, n
         network=network, n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
         dtype=args.gen_dtype, image_format=args.image_format, start=args.start, limit=args.limit,
+        guidance=args.guidance, guidance_rescale=args.guidance_rescale, npo_lora=args.npo_lora,
     )
 
 

@@ -39,6 +39,11 @@ class GenerateConfig:
     width: int | None = None
     negative_prompt: str | None = None
     scheduler: str | None = None
+    # guided sampling through diffusion_po.sampling ('cfg', 'perp-neg', 'npo', 'composable'); None = the
+    # stock pipeline call. npo_lora: an NPO LoRA for the negative branch (implies the sampler).
+    guidance: str | None = None
+    guidance_rescale: float = 0.0
+    npo_lora: str | None = None
     dtype: str = "auto"
     image_format: str = "png"
     start: int = 0
@@ -70,6 +75,39 @@ def _torch_dtype(name: str, device: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def uses_sampler(cfg: GenerateConfig) -> bool:
+    """Whether this run goes through diffusion_po.sampling (guidance other than the stock call)."""
+    return bool(cfg.guidance or cfg.npo_lora)
+
+
+def _swap_network(pipe: Any, folder: str) -> None:
+    name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    current = getattr(pipe, name)
+    path = Path(folder)
+    if not path.is_dir():
+        raise ModelLoadError(f"--network {folder}: not a folder (expected a diffusers {name} folder)")
+    try:
+        replacement = type(current).from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"--network {folder}: could not load a {type(current).__name__}: {exc}") from exc
+    replacement.to(device=current.device, dtype=current.dtype)
+    pipe.register_modules(**{name: replacement})
+
+
+def load_sampler_pipeline(cfg: GenerateConfig, device: str) -> tuple[Any, Any]:
+    """Pipeline + NPO negative model through diffusion_po.sampling (for ``--guidance``/``--npo-lora``)."""
+    from diffusion_po.sampling.api import load_sampling_pipeline
+
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+    pipe, negative = load_sampling_pipeline(
+        cfg.model, lora=cfg.lora, lora_scale=cfg.lora_scale, npo_lora=cfg.npo_lora, scheduler=cfg.scheduler,
+        device=device, dtype=dtype,
+    )
+    if cfg.network:
+        _swap_network(pipe, cfg.network)
+    return pipe, negative
+
+
 def load_generation_pipeline(cfg: GenerateConfig, device: str) -> Any:
     """The stock diffusers pipeline of ``cfg.model`` with the optional network swap, LoRA and scheduler."""
     import torch
@@ -79,17 +117,7 @@ def load_generation_pipeline(cfg: GenerateConfig, device: str) -> Any:
     dtype = _torch_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg.model)  # cast below: `dtype`/`torch_dtype` kwargs differ across diffusers versions
     if cfg.network:
-        name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-        current = getattr(pipe, name)
-        path = Path(cfg.network)
-        if not path.is_dir():
-            raise ModelLoadError(f"--network {cfg.network}: not a folder (expected a diffusers {name} folder)")
-        try:
-            replacement = type(current).from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"--network {cfg.network}: could not load a {type(current).__name__}: {exc}") from exc
-        setattr(pipe, name, replacement)
-        pipe.register_modules(**{name: replacement})
+        _swap_network(pipe, cfg.network)
     if cfg.lora:
         path = Path(cfg.lora)
         if not path.exists():
@@ -173,8 +201,13 @@ def generate_images(
     (out / RUN_INFO).write_text(json.dumps(info, indent=1))
     if not jobs:
         return out
+    negative = None
+    sampler = uses_sampler(cfg)
     if pipe is None:
-        pipe = load_generation_pipeline(cfg, device)
+        if sampler:
+            pipe, negative = load_sampler_pipeline(cfg, device)
+        else:
+            pipe = load_generation_pipeline(cfg, device)
     call_kwargs: dict[str, Any] = {}
     if cfg.steps is not None:
         call_kwargs["num_inference_steps"] = cfg.steps
@@ -198,8 +231,17 @@ def generate_images(
             if cfg.negative_prompt is not None:
                 kwargs["negative_prompt"] = [cfg.negative_prompt] * len(batch)
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                images = pipe(prompt=prompts, generator=generators, **kwargs).images
+            if sampler:
+                from diffusion_po.sampling.api import generate
+
+                images = generate(
+                    pipe, prompts, seeds=seeds, guidance=cfg.guidance or "cfg", scale=cfg.guidance_scale,
+                    rescale=cfg.guidance_rescale, negative_prompt=cfg.negative_prompt, negative_model=negative,
+                    steps=cfg.steps, height=cfg.height, width=cfg.width, batch_size=len(batch),
+                )
+            else:
+                with torch.inference_mode():
+                    images = pipe(prompt=prompts, generator=generators, **kwargs).images
             seconds = (time.perf_counter() - t0) / len(batch)
             rows = []
             for (item, k), seed, image in zip(batch, seeds, images):
@@ -224,6 +266,8 @@ def generate_images(
                     "network": cfg.network,
                     "steps": cfg.steps,
                     "guidance_scale": cfg.guidance_scale,
+                    "guidance": cfg.guidance or "cfg",
+                    "engine": "diffusion_po.sampling" if sampler else "pipeline",
                     "height": image.height,
                     "width": image.width,
                     "scheduler": type(pipe.scheduler).__name__,
