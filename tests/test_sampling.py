@@ -18,6 +18,7 @@ from diffusion_po.sampling import (
     mixed_adapter_batch,
 )
 from diffusion_po.sampling.adapters import adapter_for
+from diffusion_po.sampling.negative import adapter_on_rows, deactivate_adapter
 
 STEPS = 3
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -36,7 +37,7 @@ def _network(pipe):
 
 
 def _with_random_lora(pipe, name="npo", seed=0, zero=False):
-    """A copy of `pipe` whose network carries a LoRA adapter `name` (random B unless zero)."""
+    """A copy of `pipe` whose network carries an inactive LoRA adapter `name` (random B unless zero)."""
     from peft import LoraConfig
 
     pipe = copy.deepcopy(pipe)
@@ -49,7 +50,16 @@ def _with_random_lora(pipe, name="npo", seed=0, zero=False):
             if "lora_B" in n:
                 p.data.mul_(0.1)
     net.eval()
+    deactivate_adapter(net, name)
     return pipe
+
+
+def _set_active(net, names):
+    from peft.tuners.lora import LoraLayer
+
+    for m in net.modules():
+        if isinstance(m, LoraLayer):
+            m.set_adapter(names, inference_mode=True)
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
@@ -139,22 +149,31 @@ def test_mixed_adapter_batch_equals_two_separate_forwards(pipes, family):
     x = torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor(500.0)
     with torch.no_grad():
-        with mixed_adapter_batch(net, ["__base__", "npo", "__base__"]):
-            mixed = ad.forward(net, x, t, cond)
-        net.disable_adapters()
-        base = ad.forward(net, x, t, cond)
-        net.enable_adapters()
+        base = ad.forward(net, x, t, cond)  # the adapter is loaded but inactive
+        _set_active(net, ["npo"])
         lora = ad.forward(net, x, t, cond)
+        _set_active(net, [])
+        with mixed_adapter_batch(net, ["__base__", "npo", "__base__"]):  # peft's adapter_names
+            mixed = ad.forward(net, x, t, cond)
+        with adapter_on_rows(net, "npo", 1, 3):  # our contiguous-rows hooks
+            rows = ad.forward(net, x, t, cond)
     assert not torch.allclose(base, lora, atol=1e-4)  # the adapter does something
     torch.testing.assert_close(mixed[[0, 2]], base[[0, 2]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[1], lora[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[0], base[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[1:], lora[1:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no adapter named"):
         with mixed_adapter_batch(net, ["typo"] * 3):
             pass
+    _set_active(net, ["npo"])
+    with pytest.raises(ValueError, match="is active"):
+        with adapter_on_rows(net, "npo", 0, 1):
+            pass
 
 
+@pytest.mark.parametrize("mixed", ["rows", "peft"])
 @pytest.mark.parametrize("guidance", [NPO(6.0), PerpNeg(6.0)])
-def test_npo_lora_one_forward_equals_merged_network(pipes, guidance):
+def test_npo_lora_one_forward_equals_merged_network(pipes, guidance, mixed):
     """NPO as a LoRA in one mixed-adapter forward == NPO as a separate merged (fused) network."""
     pipe = _with_random_lora(pipes["sd"], seed=2)
     merged = copy.deepcopy(pipe.unet)
@@ -163,13 +182,13 @@ def test_npo_lora_one_forward_equals_merged_network(pipes, guidance):
     merged.eval()
     neg = [("blurry", 1.0)] if guidance.name == "perp-neg" else "blurry"
     kw = {"negative_prompt": neg, "seeds": [0, 1], "num_inference_steps": STEPS, "output_type": "latent"}
-    one = GuidedSampler(pipe, guidance, NegativeModel(adapter="npo"))(["a cat", "a dog"], **kw)
-    base_pipe = copy.deepcopy(pipe)
-    base_pipe.unet.disable_adapters()  # the positive model is the base weights
-    two = GuidedSampler(base_pipe, guidance, NegativeModel(network=merged))(["a cat", "a dog"], **kw)
+    one = GuidedSampler(pipe, guidance, NegativeModel(adapter="npo", mixed=mixed))(["a cat", "a dog"], **kw)
+    two = GuidedSampler(pipe, guidance, NegativeModel(network=merged))(["a cat", "a dog"], **kw)
     torch.testing.assert_close(one, two, atol=1e-4, rtol=1e-4)
+    unbatched = GuidedSampler(pipe, guidance, NegativeModel(adapter="npo", mixed=mixed), batch_branches=False)
+    torch.testing.assert_close(unbatched(["a cat", "a dog"], **kw), two, atol=1e-4, rtol=1e-4)
     plain_guidance = CFG(guidance.scale) if guidance.name == "npo" else guidance
-    plain = GuidedSampler(base_pipe, plain_guidance)(["a cat", "a dog"], **kw)
+    plain = GuidedSampler(pipe, plain_guidance)(["a cat", "a dog"], **kw)
     assert not torch.allclose(one, plain, atol=1e-3)
 
 

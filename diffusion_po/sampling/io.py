@@ -85,27 +85,14 @@ def read_prompt_file(path: str | Path) -> list[PromptRow]:
     return rows
 
 
-def shipped_prompt_set(name: str) -> list[PromptRow]:
-    """A prompt set shipped with `diffusion_po.eval.prompts` (if that module is installed)."""
+def shipped_prompt_set(spec: str) -> list[PromptRow]:
+    """A prompt set of `diffusion_po.eval.prompts.load_prompt_set` (parti, geneval, NAME:PATH, ...)."""
     try:
-        from diffusion_po.eval import prompts as prompt_sets  # type: ignore[attr-defined]
+        from diffusion_po.eval.prompts import load_prompt_set
     except ImportError as exc:
-        raise UserError(f"prompt set '{name}': diffusion_po.eval.prompts is not available in this version") from exc
-    for fn_name in ("load_prompt_set", "load_prompts", "get_prompts"):
-        fn = getattr(prompt_sets, fn_name, None)
-        if fn is not None:
-            try:
-                items = fn(name)
-            except (KeyError, ValueError, FileNotFoundError) as exc:
-                raise UserError(f"unknown prompt set '{name}': {exc}") from exc
-            rows = []
-            for i, it in enumerate(items):
-                text = it if isinstance(it, str) else (it.get("prompt") if isinstance(it, dict) else getattr(it, "prompt", None))
-                if text is None:
-                    raise UserError(f"prompt set '{name}': cannot read item {i}")
-                rows.append({"prompt": str(text), "id": i, "negatives": [], "positives": []})
-            return rows
-    raise UserError("diffusion_po.eval.prompts has no load_prompt_set(name)")
+        raise UserError(f"prompt set '{spec}': diffusion_po.eval.prompts is not available in this version") from exc
+    items = load_prompt_set(spec)  # raises DataError with the list of known sets
+    return [{"prompt": it.text, "id": it.id, "negatives": [], "positives": []} for it in items]
 
 
 def png_info(meta: dict[str, Any]):

@@ -46,10 +46,15 @@ class NegativeModel:
     network: torch.nn.Module | None = None
     kinds: tuple[str, ...] = ("uncond", "neg")
     description: dict[str, Any] = field(default_factory=dict)
+    #: how an adapter shares the forward: "rows" (our hooks add the LoRA delta to a contiguous slice of
+    #: rows: views only) or "peft" (peft's `adapter_names` mixed batch: per-row index lists)
+    mixed: str = "rows"
 
     def __post_init__(self) -> None:
         if (self.adapter is None) == (self.network is None):
             raise ValueError("NegativeModel needs exactly one of `adapter` or `network`")
+        if self.mixed not in ("rows", "peft"):
+            raise ValueError(f"NegativeModel.mixed must be 'rows' or 'peft', got {self.mixed!r}")
         bad = set(self.kinds) - {"uncond", "neg"}
         if bad:
             raise ValueError(f"NegativeModel.kinds may contain 'uncond' and 'neg', not {sorted(bad)}")
@@ -95,6 +100,50 @@ def mixed_adapter_batch(network: torch.nn.Module, adapter_names: list[str]) -> I
         layer.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=list(adapter_names)), with_kwargs=True)
         for layer in layers
     ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _add_adapter_rows(module, args, output, adapter: str, start: int, stop: int):
+    """Forward hook: output[start:stop] += LoRA_adapter(x[start:stop]) (as peft's vanilla LoRA forward)."""
+    if module.disable_adapters:
+        return output
+    x = args[0][start:stop]
+    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+    x = x.to(lora_a.weight.dtype)
+    delta = lora_b(lora_a(module.lora_dropout[adapter](x))) * module.scaling[adapter]
+    output[start:stop] += delta.to(output.dtype)
+    return output
+
+
+@contextmanager
+def adapter_on_rows(network: torch.nn.Module, adapter: str, start: int, stop: int) -> Iterator[None]:
+    """Within the context, rows [start, stop) of every forward of `network` also get LoRA adapter
+    `adapter` (which must be loaded but inactive, see `deactivate_adapter`); other rows see the active
+    weights only. Same result as peft's mixed batch with a contiguous block of rows, but with slices
+    (views) instead of per-layer index lists, so nothing is copied host-to-device per layer."""
+    from peft.tuners.lora.layer import Linear, _ConvNd
+
+    layers = [m for m in _lora_layers(network) if adapter in m.lora_A]
+    if not layers:
+        raise ValueError(f"adapter_on_rows: no adapter named {adapter} on the network")
+    for m in layers:
+        if adapter in m.active_adapters:
+            raise ValueError(
+                f"adapter '{adapter}' is active, so every row would get it; call "
+                f"diffusion_po.sampling.negative.deactivate_adapter(network, '{adapter}') first (load_npo_lora does)"
+            )
+        if m.merged:
+            raise ValueError("adapter_on_rows: the network has merged (fused) adapters; unfuse them first")
+        if not isinstance(m, (Linear, _ConvNd)) or adapter in getattr(m, "lora_variant", {}):
+            raise ValueError(
+                f"adapter_on_rows supports plain LoRA on Linear/Conv layers only ({type(m).__name__}); "
+                "use NegativeModel(mixed='peft') or a separate network"
+            )
+    handles = [m.register_forward_hook(partial(_add_adapter_rows, adapter=adapter, start=start, stop=stop)) for m in layers]
     try:
         yield
     finally:

@@ -16,6 +16,7 @@ so an image depends only on its seed and settings, not on the batch it was gener
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 
 from diffusion_po.guidance import CFG, Branch, Guidance
 from diffusion_po.sampling.adapters import Cond, PipelineAdapter, adapter_for, cat_cond, slice_cond
-from diffusion_po.sampling.negative import BASE_ADAPTER, NegativeModel, mixed_adapter_batch
+from diffusion_po.sampling.negative import BASE_ADAPTER, NegativeModel, adapter_on_rows, mixed_adapter_batch
 
 WeightedPrompts = Sequence[str | tuple[str, float]]
 
@@ -97,6 +98,9 @@ class GuidedSampler:
         if self.guidance.requires_negative_model and negative_model is None:
             raise ValueError(f"'{self.guidance.name}' guidance needs a negative model (an NPO LoRA or network)")
         self.negative_model = negative_model
+        if negative_model is not None and negative_model.adapter is not None and negative_model.mixed == "rows":
+            with adapter_on_rows(self.adapter.network, negative_model.adapter, 0, 0):
+                pass  # validates: the adapter exists, is inactive and is plain LoRA
         self.batch_branches = batch_branches
         self.progress = progress
 
@@ -252,49 +256,47 @@ class GuidedSampler:
         )
 
     def predict_branches(self, state: SamplingState, x: torch.Tensor, t: torch.Tensor) -> dict[Branch, torch.Tensor]:
-        """All branch predictions at (x, t): one forward per weight set (or per branch if not batched)."""
-        ad, nb, b = self.adapter, len(state.branches), x.shape[0]
-        extra = dict(state.extra)
+        """All branch predictions at (x, t): one forward per weight set (or per branch if not batched).
 
-        def run(network, idx: list[int], adapter_names: list[str] | None = None) -> torch.Tensor:
+        With an NPO adapter, the negative-model branches go first so their rows form one contiguous
+        block that the adapter is applied to (`adapter_on_rows`), or carry per-row adapter names (peft).
+        """
+        ad, nb, b = self.adapter, len(state.branches), x.shape[0]
+        neg = self.negative_model
+        on_neg = state.on_negative
+        neg_idx = [i for i in range(nb) if on_neg[i]]
+        pos_idx = [i for i in range(nb) if not on_neg[i]]
+
+        def context(idx: list[int]):
+            if neg is None or neg.adapter is None:
+                return nullcontext()
+            if neg.mixed == "peft":
+                names = [neg.adapter if on_neg[i] else BASE_ADAPTER for i in idx for _ in range(b)]
+                return mixed_adapter_batch(ad.network, names)
+            k = sum(on_neg[i] for i in idx)  # negative branches come first in idx
+            return adapter_on_rows(ad.network, neg.adapter, 0, k * b) if k else nullcontext()
+
+        groups: list[tuple[torch.nn.Module, list[int]]] = []
+        if neg is not None and neg.network is not None and neg_idx:
+            if pos_idx:
+                groups.append((ad.network, pos_idx))
+            groups.append((neg.network, neg_idx))
+        else:
+            groups.append((ad.network, neg_idx + pos_idx))
+        if not self.batch_branches:
+            groups = [(net, [i]) for net, idx in groups for i in idx]
+
+        preds: dict[Branch, torch.Tensor] = {}
+        for net, idx in groups:
             rows = torch.cat([torch.arange(i * b, (i + 1) * b) for i in idx]).to(x.device)
             cond = {k: v[rows] for k, v in state.cond.items()}
             x_in = x.repeat(len(idx), *([1] * (x.dim() - 1)))
-            kw = {k: v.repeat(len(idx), *([1] * (v.dim() - 1))) for k, v in extra.items()}
-            if adapter_names is None:
-                return ad.forward(network, x_in, t, cond, **kw)
-            with mixed_adapter_batch(network, [n for n in adapter_names for _ in range(b)]):
-                return ad.forward(network, x_in, t, cond, **kw)
-
-        neg = self.negative_model
-        groups: list[tuple[torch.nn.Module, list[int], list[str] | None]] = []
-        all_idx = list(range(nb))
-        if neg is None or not any(state.on_negative):
-            groups.append((ad.network, all_idx, self._base_names(all_idx)))
-        elif neg.adapter is not None:
-            names = [neg.adapter if state.on_negative[i] else BASE_ADAPTER for i in all_idx]
-            groups.append((ad.network, all_idx, names))
-        else:
-            pos_idx = [i for i in all_idx if not state.on_negative[i]]
-            neg_idx = [i for i in all_idx if state.on_negative[i]]
-            if pos_idx:
-                groups.append((ad.network, pos_idx, self._base_names(pos_idx)))
-            groups.append((neg.network, neg_idx, None))
-        if not self.batch_branches:
-            groups = [(net, [i], None if names is None else [names[j]]) for net, idx, names in groups for j, i in enumerate(idx)]
-
-        preds: dict[Branch, torch.Tensor] = {}
-        for net, idx, names in groups:
-            out = run(net, idx, names)
+            kw = {k: v.repeat(len(idx), *([1] * (v.dim() - 1))) for k, v in state.extra.items()}
+            with context(idx) if net is ad.network else nullcontext():
+                out = ad.forward(net, x_in, t, cond, **kw)
             for j, i in enumerate(idx):
                 preds[state.branches[i]] = out[j * b : (j + 1) * b]
         return preds
-
-    def _base_names(self, idx: list[int]) -> list[str] | None:
-        """With an NPO adapter on the network, positive-only forwards must switch it off: `__base__` rows."""
-        if self.negative_model is not None and self.negative_model.adapter is not None:
-            return [BASE_ADAPTER] * len(idx)
-        return None
 
     def step(self, state: SamplingState, t: torch.Tensor) -> torch.Tensor:
         """One denoising step: scale_model_input, all branches, guidance, scheduler step. Returns new latents."""

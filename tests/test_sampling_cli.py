@@ -1,0 +1,147 @@
+"""`diffusion-po sample` end to end on each family's tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_po.cli import main
+from diffusion_po.sampling.io import parse_weighted, read_png_metadata, read_prompt_file
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_cli_writes_images_metadata_manifest_and_grid(tiny_model_factory, tmp_path, family):
+    out = tmp_path / "out"
+    argv = [
+        "sample", "--model", tiny_model_factory(family), "--prompt", "a red circle and a blue square",
+        "--prompt", "a green star", "--negative-prompt", "red:1.5", "--guidance", "perp-neg",
+        "--guidance-scale", "6", "-n", "2", "--seed", "10", "--steps", "2", "--batch-size", "3",
+        "--output-dir", str(out), "--grid", "--no-progress",
+    ]
+    assert main(argv) == 0
+    rows = _rows(out)
+    assert len(rows) == 4
+    assert sorted((r["prompt_index"], r["seed"]) for r in rows) == [(0, 10), (0, 11), (1, 10), (1, 11)]
+    for r in rows:
+        png = out / r["file"]
+        assert png.is_file()
+        meta = read_png_metadata(png)
+        assert meta["prompt"] == r["prompt"] and meta["seed"] == r["seed"]
+        assert meta["guidance"] == "perp-neg" and meta["guidance_scale"] == 6.0 and meta["steps"] == 2
+        assert meta["negatives"] == [["red", 1.5]] and meta["family"] == family
+        with Image.open(png) as im:
+            assert im.size == (32, 32)
+            assert im.text["prompt"] == r["prompt"] and im.text["seed"] == str(r["seed"])
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * 32, 2 * 32)  # rows = prompts, columns = seeds
+    # deterministic: same command, same pixels
+    out2 = tmp_path / "out2"
+    assert main(argv[:-4] + ["--output-dir", str(out2), "--no-progress", "--batch-size", "1"]) == 0
+    for r in rows:
+        a = np.asarray(Image.open(out / r["file"]), dtype=np.int16)
+        b = np.asarray(Image.open(out2 / r["file"]), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1  # batch composition may move a value by one rounding step
+
+
+def test_cli_prompt_files_and_schedulers(tiny_model_factory, tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(
+        json.dumps({"prompt": "a cat", "negative_prompt": [["dog", 2.0], "cow"], "seeds": [3]}) + "\n\n"
+        + json.dumps({"prompt": "a dog", "id": "x7"}) + "\n"
+    )
+    out = tmp_path / "o"
+    assert main(["sample", "--model", tiny_model_factory("sd"), "--prompts", str(jsonl), "--guidance", "composable",
+                 "--scheduler", "euler_a", "--steps", "2", "--seeds", "0-1", "-o", str(out), "--no-progress"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 3  # the first row's own seed list overrides --seeds
+    by_prompt = {(r["prompt"], r["seed"]): r for r in rows}
+    assert by_prompt[("a cat", 3)]["negatives"] == [["dog", 2.0], ["cow", 1.0]]
+    assert by_prompt[("a dog", 1)]["prompt_id"] == "x7"
+    assert rows[0]["scheduler"] == "EulerAncestralDiscreteScheduler"
+    out_set = tmp_path / "set"
+    assert main(["sample", "--model", tiny_model_factory("sd"), "--prompt-set", "parti", "--limit", "2", "--steps", "1",
+                 "-o", str(out_set), "--no-progress"]) == 0
+    assert [r["prompt_id"] for r in _rows(out_set)] == ["00000", "00001"]
+    txt = tmp_path / "p.txt"
+    txt.write_text("a cat\n\n a dog \n")
+    assert [r["prompt"] for r in read_prompt_file(txt)] == ["a cat", "a dog"]
+
+
+def test_cli_npo_lora_and_negative_model(tiny_model_factory, tmp_path):
+    from diffusion_po.families import load_pipeline
+    from tests.test_sampling import _save_lora
+
+    path = tiny_model_factory("sd3")
+    pipe = load_pipeline(path)
+    npo = _save_lora(pipe, tmp_path / "npo", seed=7)
+    out = tmp_path / "o"
+    assert main(["sample", "--model", path, "--npo-lora", str(npo), "--guidance", "npo", "--prompt", "a cat",
+                 "--steps", "2", "-o", str(out), "--no-progress"]) == 0
+    row = _rows(out)[0]
+    assert row["negative_model"]["form"] == "adapter" and row["negative_model"]["npo_lora"] == str(npo)
+    # a separate negative network equal to the positive one reproduces plain CFG
+    out_neg, out_cfg = tmp_path / "n", tmp_path / "c"
+    common = ["--prompt", "a cat", "--steps", "2", "--no-progress", "--guidance-scale", "5"]
+    assert main(["sample", "--model", path, "--negative-model", path, "--guidance", "npo", "-o", str(out_neg)] + common) == 0
+    assert main(["sample", "--model", path, "-o", str(out_cfg)] + common) == 0
+    a = np.asarray(Image.open(out_neg / _rows(out_neg)[0]["file"]), dtype=np.int16)
+    b = np.asarray(Image.open(out_cfg / _rows(out_cfg)[0]["file"]), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1
+    c = np.asarray(Image.open(out / row["file"]), dtype=np.int16)
+    assert np.abs(c - b).max() > 1  # the NPO LoRA changes the image
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "no prompts"),
+        (["--prompt", "a", "--negative-prompt", "x", "--negative-prompt", "y"], "one negative prompt"),
+        (["--prompt", "a", "--guidance", "npo"], "needs NPO weights"),
+        (["--prompt", "a", "--scheduler", "nonsense"], "unknown scheduler"),
+        (["--prompt", "a", "--guidance", "perp-neg", "--negative-prompt", "x:-1.5"], "must be >= 0"),
+        (["--prompts", "/nonexistent.txt"], "does not exist"),
+        (["--prompt", "a", "--npo-lora", "/nonexistent/npo"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line(tiny_model_factory, tmp_path, capsys, extra, message):
+    code = main(["sample", "--model", tiny_model_factory("sd"), "--steps", "1", "-o", str(tmp_path), "--no-progress"] + extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_parse_weighted():
+    assert parse_weighted("red:1.5") == ("red", 1.5)
+    assert parse_weighted("red") == ("red", 1.0)
+    assert parse_weighted("style: watercolor") == ("style: watercolor", 1.0)
+    assert parse_weighted("a:b:0.5") == ("a:b", 0.5)
+
+
+def test_toy_experiment_scripts_run_end_to_end(tiny_model_factory, tmp_path):
+    """The toy experiments run on any 32x32 pipeline folder (here the tiny SD model instead of the toy base)."""
+    from diffusion_po.sampling import experiments
+    from diffusion_po.toy import world
+
+    items = experiments.overlap_items(6)
+    for caption, colour, which in items:
+        spec = world.parse_caption(caption)
+        assert spec.colours()[which] == colour and len(set(spec.colours())) == 2
+    perfect = experiments.score_overlap(world.render(world.scene_for_caption(items[0][0], 0)), *items[0])
+    assert perfect["keep"] == 1.0 and perfect["removed"] == 0.0  # a perfect render keeps all, removes nothing
+    res = experiments.run_perp_neg(tmp_path / "pn", base=tiny_model_factory("sd"), n=4, steps=2, batch_size=4)
+    assert set(res["summary"]) == {"cfg", "negative-prompt", "perp-neg", "perp-neg-w1.5", "composable"}
+    assert (tmp_path / "pn" / "results.json").is_file() and (tmp_path / "pn" / "grid_perp-neg.png").is_file()
+    assert res["paired"]["perp-neg vs negative-prompt (keep_score)"]["n"] == 4
