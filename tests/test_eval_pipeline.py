@@ -274,6 +274,24 @@ def test_hps_leaderboard_numbers():
     assert hps_leaderboard(_table([1.0]), "pickscore") is None
 
 
+def test_report_has_hps_leaderboard_table(tmp_path):
+    from diffusion_po.eval.report import write_report
+
+    rng = np.random.default_rng(2)
+    rows_a, rows_b = [], []
+    for i, style in enumerate(["anime", "concept-art", "paintings", "photo"] * 10):
+        common = {"image": f"{i}.png", "prompt": f"p{i}", "prompt_index": i, "k": 0, "seed": i, "category": style}
+        rows_a.append({**common, "hps_v2.1": float(rng.normal(28, 1))})
+        rows_b.append({**common, "hps_v2.1": float(rng.normal(27, 1))})
+    result = compare_tables(rows_a, rows_b, ["hps"], n_boot=100)
+    lb = result["metrics"]["hps_v2.1"]["hps_benchmark"]
+    assert lb["a"]["average"] == pytest.approx(np.mean([r["hps_v2.1"] for r in rows_a]))
+    report = write_report(result, tmp_path, rows_a, rows_b).read_text()
+    assert "| model | anime | concept-art | paintings | photo | Average |" in report
+    assert f"{lb['b']['average']:.2f} |" in report
+    assert json.loads((tmp_path / "compare.json").read_text())["metrics"]["hps_v2.1"]["n_pairs"] == 40
+
+
 # ------------------------------------------------------------------------------------------- end to end
 def test_benchmark_cli_end_to_end_report(tiny_sd, other_sd, models_root, tmp_path, capsys):
     ck = ["--checkpoint", tiny_checkpoint_options(models_root)[0]]

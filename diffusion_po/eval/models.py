@@ -368,4 +368,10 @@ def prefetch(
                 import torch.hub
 
                 torch.hub.download_url_to_file(url, str(target / name), progress=True)
+        missing = [f for f in spec.files if not (target / f).is_file()]
+        if missing:
+            import sys
+
+            print(f"warning: {spec.repo_id or spec.key} did not provide {', '.join(missing)} "
+                  f"(expected in {target})", file=sys.stderr)
     return plan

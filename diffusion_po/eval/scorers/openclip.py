@@ -9,6 +9,7 @@ symmetric zero padding to 224x224 -> OpenAI mean/std. Score = ``100 * <i/|i|, t/
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,7 +93,12 @@ def load_open_clip_strict(arch: str, state: dict[str, torch.Tensor], what: str, 
     """Build ``arch`` with ``pretrained=None`` and load ``state`` strictly (clear error on any mismatch)."""
     import open_clip
 
-    model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": the weights follow below
+    try:
+        model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
+    finally:
+        logging.disable(previous)
     state = dict(state)
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
