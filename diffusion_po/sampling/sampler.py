@@ -72,6 +72,8 @@ class SamplingState:
     neg_weights: torch.Tensor
     step_kwargs: dict[str, Any]
     extra: dict[str, Any]
+    #: conditioning rows per group of branches, gathered once (the same at every step)
+    group_cond: dict[tuple[int, ...], Cond] = field(default_factory=dict)
 
 
 class GuidedSampler:
@@ -288,8 +290,11 @@ class GuidedSampler:
 
         preds: dict[Branch, torch.Tensor] = {}
         for net, idx in groups:
-            rows = torch.cat([torch.arange(i * b, (i + 1) * b) for i in idx]).to(x.device)
-            cond = {k: v[rows] for k, v in state.cond.items()}
+            key = tuple(idx)
+            if key not in state.group_cond:
+                rows = torch.cat([torch.arange(i * b, (i + 1) * b) for i in idx])
+                state.group_cond[key] = {k: v[rows.to(v.device)] for k, v in state.cond.items()}
+            cond = state.group_cond[key]
             x_in = x.repeat(len(idx), *([1] * (x.dim() - 1)))
             kw = {k: v.repeat(len(idx), *([1] * (v.dim() - 1))) for k, v in state.extra.items()}
             with context(idx) if net is ad.network else nullcontext():
