@@ -1,0 +1,242 @@
+"""Toy-world experiments for the methods of docs/methods.md, with the protocol of the DPO main job
+(`diffusion-po toy run`): oracle-labelled pairs sampled from the toy base on train prompts, training through
+the shared trainer, the checkpoint chosen on validation prompts (step 0 = the base competes), then a paired
+win rate with a 95% bootstrap interval on held-out test prompts with fixed seeds.
+
+    python scripts/toy_methods.py dcpo|mapo|kto|sft|robust_dpo|dpo_sft   [--out runs/toy_METHOD] [--pairs 1000]
+    python scripts/toy_methods.py dro        # experts = top images of the pair samples by the oracle
+    python scripts/toy_methods.py npo        # negative model; NPO guidance vs plain CFG
+    python scripts/toy_methods.py self_npo   # prompts only; the student as NPO's negative model vs plain CFG
+    python scripts/toy_methods.py table runs/toy_*   # a markdown table of finished runs
+
+Paired methods run `diffusion_po.toy.experiment.run_toy_dpo` with `configs/toy_METHOD.yaml`. DRO, NPO and
+Self-NPO use the same pieces with their own data and evaluation. Each run writes `results.json` and
+`report.md` in its folder; `timings_s.train` is the training wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRED = ("dcpo", "mapo", "kto", "sft", "robust_dpo", "dpo_sft")
+EXTRA_KEYS = {"robust_dpo": ["label_smoothing=0.1"], "dpo_sft": ["sft_weight=1.0"]}
+
+
+def _config(method: str) -> str | None:
+    path = ROOT / "configs" / f"toy_{method}.yaml"
+    return str(path) if path.is_file() else None
+
+
+def run_paired(method: str, run: Any) -> dict[str, Any]:
+    from diffusion_po.toy.experiment import run_toy_dpo
+
+    run.config = run.config or _config(method)
+    if method in ("sft", "robust_dpo", "dpo_sft"):
+        run.overrides = [f"method={method}", *EXTRA_KEYS.get(method, []), *run.overrides]
+    return run_toy_dpo(run)
+
+
+def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tuned, sample_base,
+                     label: str) -> dict[str, Any]:
+    """Validation over checkpoints (step 0 = sample_base), then the test of the best against sample_base."""
+    import numpy as np
+
+    from diffusion_po.eval.stats import bootstrap_mean_ci, paired_win_rate
+    from diffusion_po.toy import oracle, world
+    from diffusion_po.training import checkpoint as ckpt
+
+    val_prompts = world.held_out_prompts(run.n_val, run.eval_seed, split="val")
+    val_seeds = [(run.eval_seed + 1) * 1_000_003 + i for i in range(run.n_val)]
+    base_val = oracle.score_many(sample_base(val_prompts, val_seeds, "validation: base"), val_prompts)
+    curve = [{"step": 0, "reward": float(np.mean([r.reward for r in base_val]))}]
+    checkpoints = ckpt.list_checkpoints(train_dir)
+    for c in checkpoints:
+        res = oracle.score_many(sample_tuned(c, val_prompts, val_seeds, f"validation: step {ckpt.step_of(c)}"),
+                                val_prompts)
+        curve.append({"step": ckpt.step_of(c), "reward": float(np.mean([r.reward for r in res]))})
+    best = max(curve, key=lambda r: r["reward"])
+    test_prompts = world.held_out_prompts(run.n_test, run.eval_seed + 2, split="test")
+    test_seeds = [(run.eval_seed + 3) * 1_000_003 + i for i in range(run.n_test)]
+    base_res = oracle.score_many(sample_base(test_prompts, test_seeds, "test: base"), test_prompts)
+    if best["step"] == 0:
+        tuned_res = base_res
+    else:
+        chosen = train_dir / f"checkpoint-{best['step']}"
+        tuned_res = oracle.score_many(sample_tuned(chosen, test_prompts, test_seeds, "test: tuned"), test_prompts)
+    base_r, tuned_r = [r.reward for r in base_res], [r.reward for r in tuned_res]
+    wr = paired_win_rate(tuned_r, base_r, n_boot=run.n_boot, seed=run.eval_seed, groups=test_prompts)
+    with (out / "test_scores.jsonl").open("w") as fh:
+        for p, s, b, t in zip(test_prompts, test_seeds, base_res, tuned_res):
+            fh.write(json.dumps({"prompt": p, "seed": s, "base": b.to_dict(), "tuned": t.to_dict()}) + "\n")
+    if not run.keep_checkpoints:
+        for c in checkpoints:
+            shutil.rmtree(c, ignore_errors=True)
+
+    def stat(v: list[float]) -> dict[str, float]:
+        return bootstrap_mean_ci(v, n_boot=run.n_boot, seed=run.eval_seed).to_dict()
+
+    return {"win_rate": wr.to_dict(), "comparison": label, "base": {"reward": stat(base_r)},
+            "tuned": {"reward": stat(tuned_r)}, "chosen_step": best["step"], "val_curve": curve,
+            "n_test_items": len(test_prompts), "n_test_prompts": len(set(test_prompts))}
+
+
+def run_custom(method: str, run: Any) -> dict[str, Any]:
+    """DRO (experts), NPO and Self-NPO (negative models under NPO guidance)."""
+    import torch
+
+    from diffusion_po.data.experts import select_top_experts
+    from diffusion_po.guidance import CFG, NPO
+    from diffusion_po.sampling import generate
+    from diffusion_po.sampling.negative import load_negative_network, load_npo_lora
+    from diffusion_po.toy import oracle, world
+    from diffusion_po.toy import pairs as toy_pairs
+    from diffusion_po.toy.build import ensure_base
+    from diffusion_po.toy.experiment import trainer_config
+    from diffusion_po.training.trainer import train
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_path = ensure_base(run.model)
+    base = toy_pairs.load_pipeline(base_path)
+    run.config = run.config or _config(method)
+
+    t0 = time.perf_counter()
+    data_info: dict[str, Any] = {}
+    if method in ("dro", "npo"):
+        pairs_file = out / "pairs.parquet"
+        data_info["pairs"] = toy_pairs.write_pairs(base, pairs_file, run.n_pairs, run.pair_seed, "train",
+                                                   run.label_noise, run.min_margin, run.steps, run.scale,
+                                                   run.batch_size).to_dict()
+        data_file = pairs_file
+    if method == "dro":
+        top = max(32, run.n_pairs // 4)
+        data_file = select_top_experts([str(pairs_file)], lambda ims, ps: [oracle.reward(i, p) for i, p in zip(ims, ps)],
+                                       top, out / "experts", progress=False)
+        data_info["experts"] = json.loads((out / "experts" / "selection.json").read_text())
+    if method == "self_npo":
+        data_file = out / "prompts.txt"
+        data_file.write_text("\n".join(world.split_captions("train")) + "\n")
+        data_info["prompts"] = len(world.split_captions("train"))
+    timings["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    train_dir = out / "train"
+    if train_dir.exists():
+        shutil.rmtree(train_dir)
+    cfg = trainer_config(run, base_path, data_file, train_dir)
+    train(cfg)
+    timings["train"] = time.perf_counter() - t0
+
+    def sample_cfg(prompts, seeds, desc):
+        return toy_pairs.sample(base, prompts, seeds, run.steps, run.scale, run.batch_size, progress=True, desc=desc)
+
+    if method == "dro":
+        def sample_tuned(ckpt_dir, prompts, seeds, desc):
+            pipe = toy_pairs.with_unet(base, ckpt_dir / "unet" if (ckpt_dir / "unet").is_dir() else None,
+                                       None if (ckpt_dir / "unet").is_dir() else ckpt_dir)
+            return toy_pairs.sample(pipe, prompts, seeds, run.steps, run.scale, run.batch_size, progress=True, desc=desc)
+        label = "tuned vs base (CFG)"
+    else:
+        def sample_tuned(ckpt_dir, prompts, seeds, desc):
+            pipe = toy_pairs.with_unet(base)
+            if (ckpt_dir / "pytorch_lora_weights.safetensors").is_file():
+                neg = load_npo_lora(pipe, ckpt_dir)
+            else:
+                neg = load_negative_network(pipe, ckpt_dir)
+            return generate(pipe, list(prompts), seeds=list(seeds), guidance=NPO(run.scale), negative_model=neg,
+                            steps=run.steps, batch_size=run.batch_size, scheduler=toy_pairs.DEFAULT_SCHEDULER,
+                            progress=True)
+        label = "NPO guidance (base + negative model) vs plain CFG (base)"
+    _ = CFG  # plain CFG is toy_pairs.sample's guidance
+    t0 = time.perf_counter()
+    results = _choose_and_test(run, base, train_dir, out, sample_tuned, sample_cfg, label)
+    timings["evaluation"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    results.update(method=method, data=data_info, run=asdict(run), threads=torch.get_num_threads(),
+                   timings_s={k: round(v, 1) for k, v in timings.items()},
+                   train_config={k: getattr(cfg, k) for k in ("method", "learning_rate", "beta_dpo", "train_batch_size",
+                                                               "max_train_steps", "use_lora", "method_options")})
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_report(results, out / "report.md")
+    return results
+
+
+def write_report(results: dict[str, Any], path: Path) -> None:
+    wr = results["win_rate"]
+    verdict = "above" if wr["lo"] > 0.5 else "not above"
+    lines = [
+        f"# Toy world: {results['method']}", "",
+        f"{results['comparison']}: **paired win rate {wr['win_rate']:.3f} [95% CI {wr['lo']:.3f}, {wr['hi']:.3f}]** "
+        f"over {wr['n']} held-out test items ({results['n_test_prompts']} captions, fixed seeds); {verdict} 0.5. "
+        f"Checkpoint chosen on validation: step {results['chosen_step']}.", "",
+        f"Mean oracle reward: base {results['base']['reward']['value']:.4f}, tuned {results['tuned']['reward']['value']:.4f}.",
+        "", "| step | validation reward |", "|---|---|",
+        *[f"| {r['step']} | {r['reward']:.4f} |" for r in results["val_curve"]],
+        "", f"Timings (s, {results['threads']} threads): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()), "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def _value(x: Any) -> float:
+    return float(x["value"]) if isinstance(x, dict) else float(x)
+
+
+def table(folders: list[str]) -> str:
+    rows = ["| method | comparison | win rate [95% CI] | reward base → tuned | chosen step | train time (s) |",
+            "|---|---|---|---|---|---|"]
+    for folder in folders:
+        f = Path(folder) / "results.json"
+        if not f.is_file():
+            continue
+        r = json.loads(f.read_text())
+        method = r.get("method") or r.get("train_config", {}).get("method", Path(folder).name)
+        wr = r["win_rate"]
+        rows.append(f"| {method} | {r.get('comparison', 'tuned vs base (CFG)')} | {wr['win_rate']:.3f} "
+                    f"[{wr['lo']:.3f}, {wr['hi']:.3f}] | {_value(r['base']['reward']):.3f} → "
+                    f"{_value(r['tuned']['reward']):.3f} | {r['chosen_step']} | {r['timings_s'].get('train', '')} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffusion_po.toy.experiment import ToyRunConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", choices=[*PAIRED, "dro", "npo", "self_npo", "table"])
+    p.add_argument("folders", nargs="*", help="(table) run folders")
+    p.add_argument("--out", default=None)
+    p.add_argument("--model", default=None, help="toy base folder (default: shipped or cached)")
+    p.add_argument("--config", default=None, help="YAML over the toy defaults (default configs/toy_METHOD.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pairs", type=int, default=1000)
+    p.add_argument("--val", type=int, default=152)
+    p.add_argument("--test", type=int, default=263)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--keep-checkpoints", action="store_true")
+    args = p.parse_args(argv)
+    if args.method == "table":
+        print(table(args.folders))
+        return 0
+    run = ToyRunConfig(out=args.out or f"runs/toy_{args.method}", model=args.model, config=args.config,
+                       overrides=list(args.overrides), n_pairs=args.pairs, n_val=args.val, n_test=args.test,
+                       threads=args.threads, keep_checkpoints=args.keep_checkpoints)
+    res = run_paired(args.method, run) if args.method in PAIRED else run_custom(args.method, run)
+    wr = res["win_rate"]
+    print(f"{args.method}: win rate {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] (n={wr['n']}); "
+          f"report in {run.out}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
