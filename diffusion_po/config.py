@@ -49,6 +49,9 @@ class DataConfig:
     random_flip: bool = True
     image_root: str | None = None
     """Folder that relative image paths in `pairs`/`images` files are resolved against (default: the file's folder)."""
+    cache_dir: str | None = None
+    """Root folder of encoded-data caches (`diffusion-po data cache` writes `<cache_dir>/<model key>/<resolution>/`;
+    `format: cache` trains from the one made for this run's model and resolution)."""
 
 
 @dataclass
@@ -112,6 +115,31 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     """Stop after this many optimizer steps in a row whose loss was NaN/inf (each one is skipped)."""
     dataloader_num_workers: int = 0
+
+    # --- speed switches (docs/performance.md); none changes the loss beyond bf16 rounding
+    compile: Literal["auto", "none", "blocks", "full"] = "auto"
+    """torch.compile of the network: `blocks` compiles each repeated block (regional compilation: a
+    fraction of the start-up time of `full`, nearly the same speed); `auto` = blocks on CUDA, none on CPU."""
+    compile_blocks: list[str] = field(default_factory=list)
+    """Class names of the blocks `compile: blocks` compiles; empty = the family's default
+    (UNets: BasicTransformerBlock, ResnetBlock2D; SD3: JointTransformerBlock)."""
+    compile_mode: str | None = None
+    """torch.compile mode (None = default; `max-autotune-no-cudagraphs`, `reduce-overhead`)."""
+    compile_backend: str = "inductor"
+    compile_dynamic: bool | None = None
+    """torch.compile `dynamic`: None lets dynamo make a dimension dynamic once it sees it change (fewer
+    recompilations across block sizes), False compiles every shape for itself."""
+    channels_last: bool | None = None
+    """channels-last memory format for the UNet's convolutions; None = on with CUDA, off on CPU."""
+    frozen_weights_in_weight_dtype: bool = True
+    """LoRA: keep the frozen base weights in the mixed-precision dtype (bf16/fp16), as the diffusers
+    examples do, instead of fp32 cast on every forward; the LoRA weights stay fp32."""
+    reference_inference_mode: bool = True
+    """Run the reference forward under torch.inference_mode (no autograd bookkeeping at all)."""
+    attention_backend: str | None = None
+    """diffusers attention backend (`set_attention_backend`: flash, _native_cudnn, ...); None = PyTorch SDPA's choice."""
+    prefetch_to_device: bool = True
+    """CUDA: copy the next batch to the GPU on a side stream while the current step runs."""
     method_options: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
 

@@ -60,6 +60,12 @@ class Family:
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
     network_name: ClassVar[str] = "unet"
     lora_layers_argument: ClassVar[str] = "unet_lora_layers"
+    #: blocks that `compile: blocks` compiles one by one (regional compilation)
+    repeated_blocks: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock", "ResnetBlock2D")
+    #: convolutional network: channels-last memory format helps
+    convolutional: ClassVar[bool] = True
+    #: conditioning keys that depend on the image (size, crop), not only on the prompt (see `row_conditioning`)
+    row_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -151,6 +157,19 @@ class Family:
         resolution: int | None = None,
     ) -> Conditioning:
         raise NotImplementedError
+
+    def row_conditioning(
+        self,
+        cond: Conditioning,
+        original_sizes: torch.Tensor | None = None,
+        crop_top_lefts: torch.Tensor | None = None,
+        resolution: int | None = None,
+    ) -> Conditioning:
+        """Per-image parts of the conditioning (SDXL's size/crop ids) on top of cached prompt embeddings.
+
+        `encode_prompts(p, sizes, crops, res)` == `row_conditioning(encode_prompts(p), sizes, crops, res)`.
+        """
+        return cond
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError

@@ -17,6 +17,8 @@ class StableDiffusion3Family(Family):
     network_name: ClassVar[str] = "transformer"
     lora_layers_argument: ClassVar[str] = "transformer_lora_layers"
     prediction_type: ClassVar[str] = "flow"
+    repeated_blocks: ClassVar[tuple[str, ...]] = ("JointTransformerBlock",)
+    convolutional: ClassVar[bool] = False
 
     def __init__(self, pipe: Any, weighting: str = "logit_normal"):
         super().__init__(pipe)

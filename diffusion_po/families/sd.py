@@ -85,6 +85,7 @@ class StableDiffusionXLFamily(_DDPMFamily):
 
     name: ClassVar[str] = "sdxl"
     pipeline_class_names: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
+    row_keys: ClassVar[tuple[str, ...]] = ("time_ids",)
 
     @torch.no_grad()
     def encode_prompts(self, prompts, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
@@ -92,7 +93,13 @@ class StableDiffusionXLFamily(_DDPMFamily):
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
-        n = len(prompts)
+        cond = {"prompt_embeds": embeds.float(), "text_embeds": pooled.float()}
+        return self.row_conditioning(cond, original_sizes, crop_top_lefts, resolution)
+
+    def row_conditioning(self, cond, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
+        """`time_ids` = (original h, w) + (crop top, left) + (target h, w), per image."""
+        device = cond["prompt_embeds"].device
+        n = cond["prompt_embeds"].shape[0]
         res = resolution or self.default_resolution
         if original_sizes is None:
             original_sizes = torch.tensor([[res, res]] * n)
@@ -100,7 +107,7 @@ class StableDiffusionXLFamily(_DDPMFamily):
             crop_top_lefts = torch.zeros(n, 2, dtype=torch.long)
         target = torch.tensor([[res, res]] * n)
         time_ids = torch.cat([original_sizes.long().cpu(), crop_top_lefts.long().cpu(), target], dim=1)
-        return {"prompt_embeds": embeds.float(), "text_embeds": pooled.float(), "time_ids": time_ids.float().to(device)}
+        return {**cond, "time_ids": time_ids.float().to(device)}
 
     @property
     def default_resolution(self) -> int:

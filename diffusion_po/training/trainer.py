@@ -117,17 +117,28 @@ class Context:
             return cond_to(batch["prompt_cond"], self.device)
         sizes = batch.get("original_sizes") if batch else None
         crops = batch.get("crop_top_lefts") if batch else None
+        table = batch.get("prompt_table") if batch else None
+        if table is not None:  # the data cache: embeddings of every caption of the batch, and of ""
+            rows = [table["index"].get(text) for text in prompts]
+            if all(r is not None for r in rows):
+                index = torch.tensor(rows, dtype=torch.long)
+                cond = {k: v[index.to(v.device)].to(self.device, non_blocking=True).float()
+                        for k, v in table["cond"].items()}
+                return self.family.row_conditioning(cond, sizes, crops, self.config.resolution)
         return self.family.encode_prompts(prompts, sizes, crops, self.config.resolution)
 
     # --- predictions
     def policy_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         with self._t.accelerator.autocast():
-            return self.family.predict(self._t.network, x_t, t, cond)
+            return self.family.predict(self._t.network, self._t.network_input(x_t), t, cond)
 
-    @torch.no_grad()
     def reference_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        with self._t.reference_network() as ref, self._t.accelerator.autocast():
-            return self.family.predict(ref, x_t, t, cond)
+        inference = self.config.reference_inference_mode
+        with torch.inference_mode() if inference else torch.no_grad():
+            with self._t.reference_network() as ref, self._t.accelerator.autocast():
+                out = self.family.predict(ref, self._t.network_input(x_t), t, cond)
+        # an inference tensor may not meet autograd later; a copy outside inference mode may
+        return out.clone() if inference else out
 
     def autocast(self):
         """The run's mixed-precision context (for methods that call networks themselves)."""
@@ -152,7 +163,10 @@ class Context:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, config_source: str | None = None):
+    """The training loop. `family`: an already loaded `Family` (benchmarks, notebooks) instead of loading
+    `cfg.pretrained_model_name_or_path`."""
+
+    def __init__(self, cfg: TrainConfig, config_source: str | None = None, family: Family | None = None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -168,6 +182,7 @@ class Trainer:
                                                 logging_dir=str(self.output_dir / cfg.logging_dir)),
         )
         method_cls = get_method_class(cfg.method)
+        self.method_formats: tuple[str, ...] = tuple(method_cls.data_formats)
         if cfg.data.format not in method_cls.data_formats and cfg.data.format != "cache":
             raise UserError(
                 f"method '{cfg.method}' takes data.format {' or '.join(method_cls.data_formats)}, "
@@ -179,15 +194,25 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
-                                  cfg.revision, cfg.variant)
+        if family is None:
+            family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
+                                 cfg.revision, cfg.variant)
+        self.family = family
+        self.cache_fingerprint: str | None = None
+        if cfg.data.format == "cache":  # the encoders' identity, taken before they are cast to bf16/fp16
+            from diffusion_po.data.cache import fingerprint
+
+            self.cache_fingerprint = fingerprint(family)
         self.family.to(self.accelerator.device, self.weight_dtype)
         network = self.family.network
         self.reference: torch.nn.Module | None = None
+        self.channels_last = _want_channels_last(cfg, self.family, self.accelerator.device)
         if cfg.use_lora:
             from peft import LoraConfig
 
             network.requires_grad_(False)
+            if cfg.frozen_weights_in_weight_dtype and self.weight_dtype != torch.float32:
+                network.to(self.weight_dtype)  # frozen base in bf16/fp16, as the diffusers LoRA examples
             network.add_adapter(LoraConfig(
                 r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, init_lora_weights="gaussian",
                 target_modules=cfg.lora_target_modules,
@@ -209,6 +234,9 @@ class Trainer:
                 network.enable_xformers_memory_efficient_attention()
             except Exception as exc:
                 raise UserError(f"xformers requested but not usable here ({exc}); drop the flag to use SDPA") from exc
+        self.compiled = speed_up(network, cfg, self.family, self.accelerator.device, self.channels_last)
+        if self.reference is not None:
+            speed_up(self.reference, cfg, self.family, self.accelerator.device, self.channels_last)
 
         params = [p for p in network.parameters() if p.requires_grad]
         lr = cfg.learning_rate
@@ -232,6 +260,7 @@ class Trainer:
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
         self.state = TrainState()
+        self._window_bad = False
         self.accelerator.register_for_checkpointing(self.state)
         self.context = Context(self)
         self.config_source = config_source
@@ -242,6 +271,12 @@ class Trainer:
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.network)
+
+    def network_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        """The noisy latents as the network wants them (channels-last for convolutional networks)."""
+        if self.channels_last and x_t.dim() == 4:
+            return x_t.contiguous(memory_format=torch.channels_last)
+        return x_t
 
     def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -289,8 +324,7 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
         if cfg.report_to != "none":
             acc.init_trackers("diffusion-po", config=_flat_scalars(to_dict(cfg)))
-        data = build_train_data(cfg.data, cfg.resolution, cfg.train_batch_size, acc.process_index,
-                                acc.num_processes, cfg.seed, self.state.micro_step, cfg.dataloader_num_workers)
+        data = self.build_data()
         if acc.is_main_process:
             rows = f"{data.num_rows} rows" if data.num_rows is not None else "streaming"
             ties = f", {data.dropped_ties} ties dropped" if data.dropped_ties else ""
@@ -302,11 +336,14 @@ class Trainer:
         bar = tqdm(total=cfg.max_train_steps, initial=self.state.step, desc="train",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         metrics_file = self.output_dir / "metrics.jsonl"
-        window_bad = False
+        self._window_bad = False
         window_metrics: list[dict[str, float]] = []
         good_rows_seen = 0
         started = time.perf_counter()
-        for batch in data.loader:
+        loader = data.loader
+        if cfg.prefetch_to_device and acc.device.type == "cuda":
+            loader = DevicePrefetcher(loader, acc.device)
+        for batch in loader:
             if self.state.step >= cfg.max_train_steps:
                 break
             self._note_bad_rows(batch)
@@ -316,34 +353,16 @@ class Trainer:
                 if self.state.micro_step >= 50 and good_rows_seen == 0:
                     raise DataError(f"{data.source}: the first {self.state.micro_step} batches had no usable rows")
                 continue
-            with acc.accumulate(self.network):
-                try:
-                    loss, metrics = self.method.compute_loss(self.context, batch)
-                    finite = torch.isfinite(loss.detach()).float().reshape(1)
-                    finite = acc.gather(finite.to(acc.device)).min().item() > 0
-                    if finite:
-                        acc.backward(loss)
-                    else:
-                        window_bad = True
-                    if acc.sync_gradients and not window_bad and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
-                    if acc.sync_gradients and window_bad:
-                        self.optimizer.zero_grad(set_to_none=True)
-                    else:
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                except torch.OutOfMemoryError as exc:
-                    raise TrainingError(OOM_ADVICE) from exc
+            finite, metrics = self.train_step(batch)
             if finite:
-                window_metrics.append({k: float(v) for k, v in metrics.items()})
+                window_metrics.append(metrics)
             if not acc.sync_gradients:
                 continue
             # ---- an optimizer step (or a skipped one) has completed
-            if window_bad:
+            if self._window_bad:
                 self.state.nonfinite_in_row += 1
                 self.state.nonfinite_total += 1
-                window_bad = False
+                self._window_bad = False
                 window_metrics = []
                 acc.print(f"step {self.state.step + 1}: non-finite loss, step skipped "
                           f"({self.state.nonfinite_in_row} in a row)")
@@ -384,6 +403,43 @@ class Trainer:
                       f"{self.state.nonfinite_total} non-finite steps; outputs in {self.output_dir}")
         acc.end_training()
         return self.output_dir
+
+    def build_data(self):
+        """This process's loader from the run's micro-step on: image files, or the data cache."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.data.format == "cache":
+            from diffusion_po.data.cache import build_cache_data
+
+            return build_cache_data(cfg, self.family, self.method_formats, cfg.train_batch_size, acc.process_index,
+                                    acc.num_processes, self.state.micro_step, cfg.dataloader_num_workers,
+                                    self.cache_fingerprint)
+        return build_train_data(cfg.data, cfg.resolution, cfg.train_batch_size, acc.process_index,
+                                acc.num_processes, cfg.seed, self.state.micro_step, cfg.dataloader_num_workers)
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[bool, dict[str, float]]:
+        """One micro-step: loss, backward and, at the end of an accumulation window, clipping and the
+        optimizer step (or, after a non-finite loss anywhere in the window, no step and cleared gradients).
+        Returns (the loss was finite on every process, the method's metrics as floats)."""
+        acc, cfg = self.accelerator, self.cfg
+        with acc.accumulate(self.network):
+            try:
+                loss, metrics = self.method.compute_loss(self.context, batch)
+                acc.backward(loss)  # queued before the one host sync below; a non-finite window is dropped
+                finite = torch.isfinite(loss.detach()).float().reshape(1)
+                finite = acc.gather(finite.to(acc.device)).min().item() > 0
+                if not finite:
+                    self._window_bad = True
+                if acc.sync_gradients and not self._window_bad and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
+                if acc.sync_gradients and self._window_bad:
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            except torch.OutOfMemoryError as exc:
+                raise TrainingError(OOM_ADVICE) from exc
+        return finite, _metric_floats(metrics) if finite else {}
 
     def _global_average(self, logs: dict[str, float]) -> dict[str, float]:
         """Average the step's metrics over processes, so the log describes the global batch."""
@@ -447,6 +503,114 @@ class Trainer:
                 self.family.pipe.save_pretrained(self.output_dir)
 
 
+def _metric_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metrics as floats with one device-to-host copy for all tensor values (not one sync per metric)."""
+    out: dict[str, float] = {}
+    tensors = {k: v for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if tensors:
+        dev = next(iter(tensors.values())).device
+        values = torch.stack([v.detach().float().reshape(()).to(dev) for v in tensors.values()]).tolist()
+        out.update(zip(tensors, values))
+    for k, v in metrics.items():
+        if k not in out:
+            out[k] = float(v)
+    return {k: out[k] for k in metrics}
+
+
+def _want_channels_last(cfg: TrainConfig, family: Family, device: torch.device) -> bool:
+    if cfg.channels_last is not None:
+        return bool(cfg.channels_last) and family.convolutional
+    return device.type == "cuda" and family.convolutional
+
+
+def compile_regions(module: torch.nn.Module, block_names: list[str] | tuple[str, ...], **kwargs: Any) -> int:
+    """Regional compilation: `torch.compile` every submodule whose class name is in `block_names`
+    (what diffusers' `compile_repeated_blocks` does, for any list of blocks). Returns how many."""
+    n = 0
+    for sub in module.modules():
+        if type(sub).__name__ in block_names:
+            sub.compile(**kwargs)
+            n += 1
+    return n
+
+
+def speed_up(network: torch.nn.Module, cfg: TrainConfig, family: Family, device: torch.device,
+             channels_last: bool) -> str:
+    """Apply the run's speed switches to `network` in place; returns what was compiled ('none', 'blocks: N', 'full')."""
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+    if cfg.attention_backend:
+        try:
+            network.set_attention_backend(cfg.attention_backend)
+        except Exception as exc:
+            raise UserError(f"attention_backend '{cfg.attention_backend}' is not usable here ({exc}); "
+                            "leave attention_backend unset to use PyTorch's SDPA") from exc
+    mode = cfg.compile
+    if mode == "auto":
+        mode = "blocks" if device.type == "cuda" else "none"
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # a default must never stop a run: fall back to eager
+    if mode == "none":
+        return "none"
+    import torch._dynamo as dynamo
+
+    # every distinct block shape (and grad mode, dtype) is one entry; a UNet has a few dozen
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 128)
+    dynamo.config.accumulated_recompile_limit = max(dynamo.config.accumulated_recompile_limit, 2048)
+    kwargs: dict[str, Any] = {"backend": cfg.compile_backend, "dynamic": cfg.compile_dynamic}
+    if cfg.compile_mode:
+        kwargs["mode"] = cfg.compile_mode
+    if mode == "full":
+        network.compile(**kwargs)
+        return "full"
+    names = tuple(cfg.compile_blocks) or family.repeated_blocks
+    n = compile_regions(network, names, **kwargs)
+    if n == 0:
+        raise UserError(f"compile: blocks found no {', '.join(names)} in the {type(network).__name__}; "
+                        "set compile_blocks to class names of its repeated blocks, or compile: full")
+    return f"blocks: {n}"
+
+
+class DevicePrefetcher:
+    """Iterate a loader with each next batch already copied to the GPU on a side stream."""
+
+    def __init__(self, loader: Any, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def _to(self, value: Any) -> Any:
+        if torch.is_tensor(value):
+            return value.to(self.device, non_blocking=True)
+        if isinstance(value, dict):
+            return {k: self._to(v) for k, v in value.items()}
+        return value
+
+    def _record(self, value: Any, stream: Any) -> None:
+        if torch.is_tensor(value) and value.device.type == "cuda":
+            value.record_stream(stream)
+        elif isinstance(value, dict):
+            for v in value.values():
+                self._record(v, stream)
+
+    def __iter__(self):
+        stream = torch.cuda.Stream(self.device)
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(stream):
+                ready = self._to(batch)
+            if pending is not None:
+                yield self._hand_over(pending, stream)
+            pending = ready
+        if pending is not None:
+            yield self._hand_over(pending, stream)
+
+    def _hand_over(self, batch: Any, stream: Any) -> Any:
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(stream)
+        self._record(batch, current)
+        return batch
+
+
 def _average(rows: list[dict[str, float]]) -> dict[str, float]:
     if not rows:
         return {}
@@ -471,4 +635,5 @@ def train(cfg: TrainConfig, config_source: str | None = None) -> Path:
     return Trainer(cfg, config_source).run()
 
 
-__all__ = ["Context", "Trainer", "TrainState", "TrainingError", "train"]
+__all__ = ["Context", "DevicePrefetcher", "Trainer", "TrainState", "TrainingError", "compile_regions", "speed_up",
+           "train"]
