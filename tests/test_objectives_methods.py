@@ -279,3 +279,19 @@ def test_self_npo_step_images_and_own_samples(tmp_path, tiny_model_factory):
     method.on_optimizer_step(ctx, 1)
     after = next(method.teacher.parameters())
     assert torch.allclose(after, before + 0.001 * (next(student.parameters()) - before), atol=1e-6)
+
+
+def test_self_npo_teacher_state_round_trip(tmp_path, tiny_sd):
+    tr = make_trainer(tmp_path, tiny_sd, "self_npo", "prompts", "use_lora=true", "rank=4")
+    method, ctx = tr.method, tr.context
+    with torch.no_grad():
+        for name, p in method.teacher.named_parameters():
+            if "lora" in name:
+                p.add_(0.5)
+    state = method.state_dict()
+    assert state["teacher"] and all("lora" in k for k in state["teacher"])  # LoRA: only the adapter weights
+    fresh = type(method)(tr.cfg)
+    fresh.setup(ctx)
+    fresh.load_state_dict(state)
+    for (name, a), (_, b) in zip(method.teacher.named_parameters(), fresh.teacher.named_parameters()):
+        assert torch.equal(a, b), name

@@ -126,3 +126,15 @@ def test_recipe_configs_validate(name):
     cls = get_method_class(cfg.method)
     assert cfg.data.format in cls.data_formats
     cls(cfg)
+
+
+@pytest.mark.parametrize("method", ["self_npo", "dro"])
+def test_checkpoint_and_resume(tmp_path, tiny_sd, data, method):
+    """Method state (Self-NPO's teacher, DRO's counters) goes through accelerate checkpoints and resume."""
+    fmt = FORMAT[method]
+    out = run_train(tmp_path, tiny_sd, method, data[fmt], fmt, False, *EXTRA[method], "checkpointing_steps=1")
+    assert (out / "checkpoint-1").is_dir()
+    out = run_train(tmp_path, tiny_sd, method, data[fmt], fmt, False, *EXTRA[method], "checkpointing_steps=1",
+                    "max_train_steps=2", "resume_from_checkpoint=latest")
+    logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logs] == [1, 2]

@@ -126,7 +126,10 @@ class SelfNPO(Method):
     # --- set-up and state
     def setup(self, ctx: TrainContext) -> None:
         """Make the EMA teacher: a frozen copy of the network as training starts."""
-        self.teacher = frozen_copy(trainable_network(ctx))
+        student = trainable_network(ctx)
+        self.teacher = frozen_copy(student)
+        # only these differ between teacher and student (all of them for full fine-tuning, the LoRA weights otherwise)
+        self._trainable = {n for n, p in student.named_parameters() if p.requires_grad}
         name = ctx.family.name
         w, uncond = FAMILY_DEFAULTS.get(name, (-1.0, "empty"))
         self.w = self.options.guidance if self.options.guidance is not None else w
@@ -136,13 +139,21 @@ class SelfNPO(Method):
         ema_update(self._teacher(ctx), trainable_network(ctx), self.options.ema_decay)
 
     def state_dict(self) -> dict:
+        """The teacher's EMA weights (the trained subset: LoRA weights, or the whole network)."""
         if self.teacher is None:
             return {}
-        return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}}
+        return {"teacher": {k: v.detach().cpu().clone() for k, v in self.teacher.named_parameters()
+                            if k in self._trainable}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("teacher") and self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])
+            params = dict(self.teacher.named_parameters())
+            missing = [k for k in state["teacher"] if k not in params]
+            if missing:
+                raise ConfigError(f"the checkpoint's Self-NPO teacher does not fit this network (e.g. {missing[0]})")
+            with torch.no_grad():
+                for k, v in state["teacher"].items():
+                    params[k].copy_(v)
 
     def _teacher(self, ctx: TrainContext) -> torch.nn.Module:
         if self.teacher is None:
