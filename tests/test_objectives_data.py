@@ -207,3 +207,15 @@ def test_select_top_experts(tmp_path):
         E.load_score_fn("tests.test_objectives_data:nothing")
     with pytest.raises(DataError):
         E.select_top_experts([str(tmp_path / "missing.parquet")], redness, 3, tmp_path / "e2", progress=False)
+
+
+def test_data_cli_verbs(tmp_path):
+    from diffusion_po.cli import main
+
+    src = write_pickapic(tmp_path / "pp.parquet", n=4, drop_columns=["caption_0", "caption_1"])
+    assert main(["data", "experts", str(src), "--top", "2", "--scorer", "tests.test_objectives_data:redness",
+                 "-o", str(tmp_path / "ex")]) == 0
+    assert len((tmp_path / "ex" / "experts.jsonl").read_text().splitlines()) == 2
+    assert main(["data", "captions", str(src), "-o", str(tmp_path / "c.parquet"), "--strategy", "perturbation"]) == 0
+    assert "caption_1" in pq.read_table(tmp_path / "c.parquet").column_names
+    assert main(["data", "captions", str(src), "-o", str(tmp_path / "d.parquet"), "--strategy", "hybrid"]) == 2
