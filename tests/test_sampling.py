@@ -271,3 +271,18 @@ def test_loading_positive_and_npo_loras(tiny_model_factory, pipes, tmp_path):
     for (k, v), (k2, v2) in zip(alpha1.network.state_dict().items(), base_pipe.unet.state_dict().items()):
         assert k == k2
         torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-5)
+
+
+def test_step_cost_measures_every_method_and_cleans_up(pipes):
+    from diffusion_po.sampling.bench import METHODS, compare, step_cost
+    from diffusion_po.sampling.negative import adapter_names_of
+
+    pipe = pipes["sd"]
+    for method in METHODS:
+        # 3 timed steps on a 2-step schedule: the state is re-prepared when the timesteps run out
+        assert step_cost(pipe, method, batch=1, steps=3, warmup=0, num_inference_steps=2) > 0
+    assert not adapter_names_of(pipe.unet)  # the temporary benchmark LoRA is removed
+    res = compare(pipe, ("perp-neg",), batch=1, rounds=1, steps=1, warmup=0, num_inference_steps=2)
+    assert res["cfg"]["x_cfg"] == 1.0 and res["perp-neg"]["ms"] > 0
+    with pytest.raises(ValueError, match="unknown method"):
+        step_cost(pipe, "nope")
