@@ -1,4 +1,4 @@
-"""`diffusion-po sample`: generate images with CFG, negative prompts, Perp-Neg or NPO guidance.
+r"""`diffusion-po sample`: generate images with CFG, negative prompts, Perp-Neg or NPO guidance.
 
     diffusion-po sample --model runwayml/stable-diffusion-v1-5 --prompt "a red circle and a blue square" \
         --negative-prompt "red:1.5" --guidance perp-neg --guidance-scale 7.5 --seeds 0-7 --output-dir out/
