@@ -9,9 +9,10 @@ win rate with a 95% bootstrap interval on held-out test prompts with fixed seeds
     python scripts/toy_methods.py self_npo   # prompts only; the student as NPO's negative model vs plain CFG
     python scripts/toy_methods.py table runs/toy_*   # a markdown table of finished runs
 
-Paired methods run `diffusion_po.toy.experiment.run_toy_dpo` with `configs/toy_METHOD.yaml`. DRO, NPO and
-Self-NPO use the same pieces with their own data and evaluation. Each run writes `results.json` and
-`report.md` in its folder; `timings_s.train` is the training wall time.
+Every method trains with `configs/toy_METHOD.yaml` over the main job's defaults (`TOY_DPO_DEFAULTS`).
+`--pairs-file` reuses a pairs parquet of an earlier run (same base, same --pairs), and `--cache-dir` keeps
+the base model's validation/test samples' rewards, so a sweep over methods samples them once. Each run
+writes `results.json` and `report.md` in its folder; `timings_s.train` is the training wall time.
 """
 
 from __future__ import annotations
@@ -35,17 +36,26 @@ def _config(method: str) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def run_paired(method: str, run: Any) -> dict[str, Any]:
-    from diffusion_po.toy.experiment import run_toy_dpo
+def _cached_base(cache_dir: Path | None, key: dict[str, Any], compute):
+    """Oracle results of the base model's samples, cached on disk by (model, prompts, seeds, sampler)."""
+    import hashlib
 
-    run.config = run.config or _config(method)
-    if method in ("sft", "robust_dpo", "dpo_sft"):
-        run.overrides = [f"method={method}", *EXTRA_KEYS.get(method, []), *run.overrides]
-    return run_toy_dpo(run)
+    from diffusion_po.toy import oracle
+
+    if cache_dir is None:
+        return compute()
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"base-{digest}.json"
+    if path.is_file():
+        return [oracle.OracleResult(**d, shapes=[]) for d in json.loads(path.read_text())]
+    res = compute()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([r.to_dict() for r in res]))
+    return res
 
 
 def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tuned, sample_base,
-                     label: str) -> dict[str, Any]:
+                     label: str, cache_dir: Path | None = None, base_id: str = "") -> dict[str, Any]:
     """Validation over checkpoints (step 0 = sample_base), then the test of the best against sample_base."""
     import numpy as np
 
@@ -55,7 +65,9 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
 
     val_prompts = world.held_out_prompts(run.n_val, run.eval_seed, split="val")
     val_seeds = [(run.eval_seed + 1) * 1_000_003 + i for i in range(run.n_val)]
-    base_val = oracle.score_many(sample_base(val_prompts, val_seeds, "validation: base"), val_prompts)
+    key = {"model": base_id, "steps": run.steps, "scale": run.scale}
+    base_val = _cached_base(cache_dir, {**key, "prompts": val_prompts, "seeds": val_seeds},
+                            lambda: oracle.score_many(sample_base(val_prompts, val_seeds, "validation: base"), val_prompts))
     curve = [{"step": 0, "reward": float(np.mean([r.reward for r in base_val]))}]
     checkpoints = ckpt.list_checkpoints(train_dir)
     for c in checkpoints:
@@ -65,7 +77,8 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
     best = max(curve, key=lambda r: r["reward"])
     test_prompts = world.held_out_prompts(run.n_test, run.eval_seed + 2, split="test")
     test_seeds = [(run.eval_seed + 3) * 1_000_003 + i for i in range(run.n_test)]
-    base_res = oracle.score_many(sample_base(test_prompts, test_seeds, "test: base"), test_prompts)
+    base_res = _cached_base(cache_dir, {**key, "prompts": test_prompts, "seeds": test_seeds},
+                            lambda: oracle.score_many(sample_base(test_prompts, test_seeds, "test: base"), test_prompts))
     if best["step"] == 0:
         tuned_res = base_res
     else:
@@ -88,8 +101,8 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
             "n_test_items": len(test_prompts), "n_test_prompts": len(set(test_prompts))}
 
 
-def run_custom(method: str, run: Any) -> dict[str, Any]:
-    """DRO (experts), NPO and Self-NPO (negative models under NPO guidance)."""
+def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
+    """Data (pairs, experts or prompts) -> training -> validation -> test, for one method."""
     import torch
 
     from diffusion_po.data.experts import select_top_experts
@@ -111,18 +124,24 @@ def run_custom(method: str, run: Any) -> dict[str, Any]:
     base_path = ensure_base(run.model)
     base = toy_pairs.load_pipeline(base_path)
     run.config = run.config or _config(method)
+    if method in ("sft", "robust_dpo", "dpo_sft"):
+        run.overrides = [f"method={method}", *EXTRA_KEYS.get(method, []), *run.overrides]
 
     t0 = time.perf_counter()
     data_info: dict[str, Any] = {}
-    if method in ("dro", "npo"):
-        pairs_file = out / "pairs.parquet"
-        data_info["pairs"] = toy_pairs.write_pairs(base, pairs_file, run.n_pairs, run.pair_seed, "train",
-                                                   run.label_noise, run.min_margin, run.steps, run.scale,
-                                                   run.batch_size).to_dict()
-        data_file = pairs_file
+    if method != "self_npo":
+        target = out / "pairs.parquet"
+        if pairs_file:
+            shutil.copyfile(pairs_file, target)
+            data_info["pairs"] = {"reused": str(pairs_file)}
+        else:
+            data_info["pairs"] = toy_pairs.write_pairs(base, target, run.n_pairs, run.pair_seed, "train",
+                                                       run.label_noise, run.min_margin, run.steps, run.scale,
+                                                       run.batch_size).to_dict()
+        data_file = target
     if method == "dro":
         top = max(32, run.n_pairs // 4)
-        data_file = select_top_experts([str(pairs_file)], lambda ims, ps: [oracle.reward(i, p) for i, p in zip(ims, ps)],
+        data_file = select_top_experts([str(target)], lambda ims, ps: [oracle.reward(i, p) for i, p in zip(ims, ps)],
                                        top, out / "experts", progress=False)
         data_info["experts"] = json.loads((out / "experts" / "selection.json").read_text())
     if method == "self_npo":
@@ -142,7 +161,7 @@ def run_custom(method: str, run: Any) -> dict[str, Any]:
     def sample_cfg(prompts, seeds, desc):
         return toy_pairs.sample(base, prompts, seeds, run.steps, run.scale, run.batch_size, progress=True, desc=desc)
 
-    if method == "dro":
+    if method not in ("npo", "self_npo"):
         def sample_tuned(ckpt_dir, prompts, seeds, desc):
             pipe = toy_pairs.with_unet(base, ckpt_dir / "unet" if (ckpt_dir / "unet").is_dir() else None,
                                        None if (ckpt_dir / "unet").is_dir() else ckpt_dir)
@@ -161,7 +180,8 @@ def run_custom(method: str, run: Any) -> dict[str, Any]:
         label = "NPO guidance (base + negative model) vs plain CFG (base)"
     _ = CFG  # plain CFG is toy_pairs.sample's guidance
     t0 = time.perf_counter()
-    results = _choose_and_test(run, base, train_dir, out, sample_tuned, sample_cfg, label)
+    results = _choose_and_test(run, base, train_dir, out, sample_tuned, sample_cfg, label,
+                               Path(cache_dir) if cache_dir else None, str(Path(base_path).resolve()))
     timings["evaluation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     results.update(method=method, data=data_info, run=asdict(run), threads=torch.get_num_threads(),
@@ -224,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", type=int, default=263)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--pairs-file", default=None, help="reuse this pairs parquet instead of sampling new pairs")
+    p.add_argument("--cache-dir", default=None, help="cache the base model's validation/test rewards here")
     args = p.parse_args(argv)
     if args.method == "table":
         print(table(args.folders))
@@ -231,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     run = ToyRunConfig(out=args.out or f"runs/toy_{args.method}", model=args.model, config=args.config,
                        overrides=list(args.overrides), n_pairs=args.pairs, n_val=args.val, n_test=args.test,
                        threads=args.threads, keep_checkpoints=args.keep_checkpoints)
-    res = run_paired(args.method, run) if args.method in PAIRED else run_custom(args.method, run)
+    res = run_method(args.method, run, args.pairs_file, args.cache_dir)
     wr = res["win_rate"]
     print(f"{args.method}: win rate {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] (n={wr['n']}); "
           f"report in {run.out}/report.md")
