@@ -138,6 +138,9 @@ class TrainConfig:
     """Run the reference forward under torch.inference_mode (no autograd bookkeeping at all)."""
     attention_backend: str | None = None
     """diffusers attention backend (`set_attention_backend`: flash, _native_cudnn, ...); None = PyTorch SDPA's choice."""
+    encoders_on_device: bool | None = None
+    """Keep the VAE and text encoders on the GPU; None = not when training from the data cache (which
+    needs neither: they stay on the CPU, for the rare prompt a method encodes itself)."""
     prefetch_to_device: bool = True
     """CUDA: copy the next batch to the GPU on a side stream while the current step runs."""
     method_options: dict[str, Any] = field(default_factory=dict)

@@ -5,6 +5,7 @@ from diffusion_po.families.base import (
     Conditioning,
     Family,
     cat_cond,
+    compile_regions,
     cond_to,
     family_for_pipeline,
     family_names,
@@ -12,6 +13,7 @@ from diffusion_po.families.base import (
     per_sample_error,
     repeat_cond,
     slice_cond,
+    speed_up_for_sampling,
 )
 
 
@@ -21,6 +23,6 @@ def load_family(path: str, vae_path: str | None = None, revision: str | None = N
 
 
 __all__ = [
-    "Conditioning", "Family", "cat_cond", "cond_to", "family_for_pipeline", "family_names", "load_family",
-    "load_pipeline", "per_sample_error", "repeat_cond", "slice_cond",
+    "Conditioning", "Family", "cat_cond", "compile_regions", "cond_to", "family_for_pipeline", "family_names",
+    "load_family", "load_pipeline", "per_sample_error", "repeat_cond", "slice_cond", "speed_up_for_sampling",
 ]

@@ -22,7 +22,7 @@ import torch
 from diffusion_po.config import TrainConfig, save_config, to_dict
 from diffusion_po.data import build_train_data
 from diffusion_po.errors import DataError, UserError
-from diffusion_po.families import Conditioning, Family, cond_to, load_family
+from diffusion_po.families import Conditioning, Family, compile_regions, cond_to, load_family
 from diffusion_po.objectives import Method, get_method_class
 from diffusion_po.training import checkpoint as ckpt
 
@@ -105,7 +105,7 @@ class Context:
         pixels = batch[f"pixels{suffix}"].to(self.device)
         f = self.family.vae_scale_factor
         shape = (pixels.shape[0], self.family.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f)
-        return self.family.encode_images(pixels, eps=self.randn(shape))
+        return self.family.encode_images(pixels, eps=self.randn(shape)).to(self.device)
 
     def encode_prompts(self, prompts: list[str], batch: dict[str, Any] | None = None, key: str = "") -> Conditioning:
         prompts = list(prompts)
@@ -125,7 +125,7 @@ class Context:
                 cond = {k: v[index.to(v.device)].to(self.device, non_blocking=True).float()
                         for k, v in table["cond"].items()}
                 return self.family.row_conditioning(cond, sizes, crops, self.config.resolution)
-        return self.family.encode_prompts(prompts, sizes, crops, self.config.resolution)
+        return cond_to(self.family.encode_prompts(prompts, sizes, crops, self.config.resolution), self.device)
 
     # --- predictions
     def policy_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -203,7 +203,8 @@ class Trainer:
             from diffusion_po.data.cache import fingerprint
 
             self.cache_fingerprint = fingerprint(family)
-        self.family.to(self.accelerator.device, self.weight_dtype)
+        encoders = cfg.encoders_on_device if cfg.encoders_on_device is not None else cfg.data.format != "cache"
+        self.family.to(self.accelerator.device, self.weight_dtype, encoders=encoders)
         network = self.family.network
         self.reference: torch.nn.Module | None = None
         self.channels_last = _want_channels_last(cfg, self.family, self.accelerator.device)
@@ -212,7 +213,7 @@ class Trainer:
 
             network.requires_grad_(False)
             if cfg.frozen_weights_in_weight_dtype and self.weight_dtype != torch.float32:
-                network.to(self.weight_dtype)  # frozen base in bf16/fp16, as the diffusers LoRA examples
+                torch.nn.Module.to(network, self.weight_dtype)  # frozen base in bf16/fp16, as the diffusers examples
             network.add_adapter(LoraConfig(
                 r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, init_lora_weights="gaussian",
                 target_modules=cfg.lora_target_modules,
@@ -523,17 +524,6 @@ def _want_channels_last(cfg: TrainConfig, family: Family, device: torch.device) 
     return device.type == "cuda" and family.convolutional
 
 
-def compile_regions(module: torch.nn.Module, block_names: list[str] | tuple[str, ...], **kwargs: Any) -> int:
-    """Regional compilation: `torch.compile` every submodule whose class name is in `block_names`
-    (what diffusers' `compile_repeated_blocks` does, for any list of blocks). Returns how many."""
-    n = 0
-    for sub in module.modules():
-        if type(sub).__name__ in block_names:
-            sub.compile(**kwargs)
-            n += 1
-    return n
-
-
 def speed_up(network: torch.nn.Module, cfg: TrainConfig, family: Family, device: torch.device,
              channels_last: bool) -> str:
     """Apply the run's speed switches to `network` in place; returns what was compiled ('none', 'blocks: N', 'full')."""
@@ -635,5 +625,4 @@ def train(cfg: TrainConfig, config_source: str | None = None) -> Path:
     return Trainer(cfg, config_source).run()
 
 
-__all__ = ["Context", "DevicePrefetcher", "Trainer", "TrainState", "TrainingError", "compile_regions", "speed_up",
-           "train"]
+__all__ = ["Context", "DevicePrefetcher", "Trainer", "TrainState", "TrainingError", "speed_up", "train"]

@@ -1,0 +1,153 @@
+"""Every speed switch keeps the loss: the fast path against the plain path on the same batch and seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_po.config import TrainConfig, from_dict
+
+PLAIN = {"compile": "none", "channels_last": False, "reference_inference_mode": False,
+         "frozen_weights_in_weight_dtype": False, "prefetch_to_device": False}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test may pick its own mixed precision; accelerate keeps one per process unless reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def _trainer(tmp_path, model: str, name: str, **keys):
+    from diffusion_po.training.trainer import Trainer
+
+    cfg = from_dict(TrainConfig, {
+        "pretrained_model_name_or_path": model, "output_dir": str(tmp_path / name), "resolution": 32,
+        "train_batch_size": 2, "learning_rate": 1e-3, "beta_dpo": 50.0, "report_to": "none", "seed": 3,
+        "data": {"format": "pickapic"}, **keys,
+    })
+    torch.manual_seed(0)  # LoRA initialisation draws from the global generator
+    return Trainer(cfg)
+
+
+def _batch(n: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"pixels_w": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1,
+            "pixels_l": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1,
+            "captions": ["a red square", "a blue circle"][:n], "size": n}
+
+
+def _perturb(trainer) -> None:
+    """Move the policy away from the reference the same way in every trainer (else the loss is log 2)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in trainer.unwrapped.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.02)
+
+
+def _step(trainer) -> tuple[dict, torch.Tensor]:
+    """Loss, metrics and the gradient of all trainable weights (flattened) on the fixed batch."""
+    from diffusion_po.training.trainer import _metric_floats
+
+    _perturb(trainer)
+    loss, metrics = trainer.method.compute_loss(trainer.context, _batch())
+    trainer.accelerator.backward(loss)
+    grads = [p.grad.detach().float().flatten() for p in trainer.unwrapped.parameters() if p.requires_grad]
+    return _metric_floats(metrics), torch.cat(grads)
+
+
+def _assert_close_runs(a, b, rtol: float, atol: float, grad_tol: float = 1e-4) -> None:
+    (ma, ga), (mb, gb) = a, b
+    assert abs(ma["loss"] - 0.6931) > 1e-3  # the policy differs from the reference
+    for k in ("loss", "model_diff", "ref_diff", "raw_model_loss", "ref_loss"):
+        assert ma[k] == pytest.approx(mb[k], rel=rtol, abs=atol), k
+    assert ga.shape == gb.shape and ga.norm() > 0
+    assert (ga - gb).norm() / ga.norm() < grad_tol
+
+
+def test_channels_last_and_inference_mode_reference(tmp_path, tiny_sd):
+    plain = _step(_trainer(tmp_path, tiny_sd, "plain", **PLAIN))
+    fast = _step(_trainer(tmp_path, tiny_sd, "fast", **{**PLAIN, "channels_last": True,
+                                                        "reference_inference_mode": True}))
+    _assert_close_runs(plain, fast, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_frozen_weights_in_bf16(tmp_path, tiny_sd):
+    """bf16 frozen base weights under bf16 autocast: no further from fp32 than plain bf16 autocast is."""
+    from accelerate.state import AcceleratorState
+
+    m32, g32 = _step(_trainer(tmp_path, tiny_sd, "fp32", use_lora=True, **PLAIN))
+    AcceleratorState._reset_state()
+    plain = _trainer(tmp_path, tiny_sd, "plain", use_lora=True, mixed_precision="bf16", **PLAIN)
+    fast = _trainer(tmp_path, tiny_sd, "fast", use_lora=True, mixed_precision="bf16",
+                    **{**PLAIN, "frozen_weights_in_weight_dtype": True})
+    frozen = [p for p in fast.unwrapped.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in fast.unwrapped.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in plain.unwrapped.parameters())
+    (mp, gp), (mf, gf) = _step(plain), _step(fast)
+    bf16_noise = (gp - g32).norm() / g32.norm()  # what bf16 autocast alone does to the gradient
+    assert (gf - g32).norm() / g32.norm() < 1.5 * bf16_noise + 1e-3
+    for k in ("loss", "raw_model_loss", "ref_loss"):
+        assert abs(mf[k] - m32[k]) < 1.5 * abs(mp[k] - m32[k]) + 2e-3, k
+
+
+def test_compiled_blocks_keep_the_loss(tmp_path, tiny_sd):
+    """Regional compilation (aot_eager here: dynamo capture and AOT autograd, without code generation)."""
+    plain = _step(_trainer(tmp_path, tiny_sd, "plain", **PLAIN))
+    trainer = _trainer(tmp_path, tiny_sd, "fast", **{**PLAIN, "compile": "blocks", "compile_backend": "aot_eager"})
+    assert trainer.compiled.startswith("blocks: ") and int(trainer.compiled.split()[1]) >= 2
+    _assert_close_runs(plain, _step(trainer), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_lora_reference_through_disabled_adapters(tmp_path, tiny_sd):
+    plain = _step(_trainer(tmp_path, tiny_sd, "plain", use_lora=True, **PLAIN))
+    fast = _step(_trainer(tmp_path, tiny_sd, "fast", use_lora=True,
+                          **{**PLAIN, "compile": "blocks", "compile_backend": "aot_eager",
+                             "reference_inference_mode": True, "channels_last": True}))
+    _assert_close_runs(plain, fast, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_blocks_keep_the_loss(tmp_path, tiny_sd):
+    """The real backend (C++ code generation on the CPU; a minute or more)."""
+    torch.set_num_threads(1)
+    plain = _step(_trainer(tmp_path, tiny_sd, "plain", **PLAIN))
+    fast = _step(_trainer(tmp_path, tiny_sd, "fast", **{**PLAIN, "compile": "blocks", "channels_last": True,
+                                                        "reference_inference_mode": True}))
+    _assert_close_runs(plain, fast, rtol=1e-3, atol=1e-5, grad_tol=1e-3)
+
+
+def test_auto_switches_are_off_on_the_cpu(tmp_path, tiny_sd):
+    trainer = _trainer(tmp_path, tiny_sd, "auto")
+    assert trainer.compiled == "none" and not trainer.channels_last
+
+
+def test_unknown_compile_blocks_is_a_clear_error(tmp_path, tiny_sd):
+    from diffusion_po.errors import UserError
+
+    with pytest.raises(UserError, match="found no NoSuchBlock"):
+        _trainer(tmp_path, tiny_sd, "bad", compile="blocks", compile_blocks=["NoSuchBlock"])
+
+
+def test_metric_floats_one_copy():
+    from diffusion_po.training.trainer import _metric_floats
+
+    out = _metric_floats({"loss": torch.tensor(0.5), "acc": torch.tensor([1.0]), "n": 3, "lr": 1e-4})
+    assert out == {"loss": 0.5, "acc": 1.0, "n": 3.0, "lr": 1e-4}
+    assert list(out) == ["loss", "acc", "n", "lr"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_prefetcher_moves_batches():
+    from diffusion_po.training.trainer import DevicePrefetcher
+
+    batches = [{"x": torch.full((2,), float(i)), "t": {"c": torch.ones(1)}, "s": ["a"]} for i in range(3)]
+    out = list(DevicePrefetcher(batches, torch.device("cuda")))
+    assert [b["x"].device.type for b in out] == ["cuda"] * 3
+    assert [float(b["x"][0]) for b in out] == [0.0, 1.0, 2.0] and out[0]["s"] == ["a"]
