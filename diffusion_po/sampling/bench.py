@@ -68,13 +68,19 @@ def step_cost(
     width: int | None = None,
     num_inference_steps: int = 50,
     negative_model: NegativeModel | None = None,
+    clock: str = "wall",
 ) -> float:
     """Median wall time in ms of one denoising step for `batch` images with `method` (see METHODS).
 
     For the NPO methods without `negative_model`, a rank-`lora_rank` LoRA named "bench_npo" is added to
     the network for the measurement and removed after ("npo-lora"), or the network is copied
     ("npo-network").
+    clock: "wall" (perf_counter, CUDA-synchronised: use on GPUs) or "cpu" (this process's CPU time:
+    use on a shared CPU with `torch.set_num_threads(1)`, where other processes' load would swamp wall time).
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    timer = time.perf_counter if clock == "wall" else time.process_time
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     cls, n_neg, form = METHODS[method]
@@ -102,11 +108,11 @@ def step_cost(
                 pos = 0
             t = state.timesteps[pos]
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = timer()
             state.latents = sampler.step(state, t)
             _sync(device)
             if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
+                times.append((timer() - t0) * 1000.0)
             pos += 1
         return statistics.median(times)
     finally:
