@@ -207,6 +207,10 @@ def test_negative_model_kinds_route_branches(pipes):
     torch.testing.assert_close(preds[("uncond",)][unc], preds[("uncond", "neg")][unc])
     torch.testing.assert_close(preds[("uncond",)][pos], preds[("uncond", "neg")][pos])
     assert not torch.allclose(preds[("uncond",)][neg0], preds[("uncond", "neg")][neg0], atol=1e-4)
+    # NPO guidance whose only base branch is a negative prompt cannot leave the negative model unused
+    s = GuidedSampler(pipe, NPO(7.5), NegativeModel(adapter="npo", kinds=("uncond",)))
+    with pytest.raises(ValueError, match="computes none of the branches"):
+        s.prepare(specs, STEPS)
 
 
 def test_generate_keeps_order_with_mixed_structures(pipes):

@@ -225,6 +225,12 @@ class GuidedSampler:
 
         neg_kinds = set(self.negative_model.kinds) if self.negative_model else set()
         on_negative = [br.kind in neg_kinds for br in branches]
+        if self.negative_model is not None and len(branches) > 1 and not any(on_negative):
+            raise ValueError(
+                f"the negative model computes none of the branches {[str(br) for br in branches]} "
+                f"(its kinds are {list(self.negative_model.kinds)}): with a negative prompt, cfg/npo guidance "
+                "uses it instead of the empty prompt, so the negative model must cover 'neg' too"
+            )
         pos_w = torch.tensor([[w for _, w in s.positives] for s in specs], dtype=torch.float32).reshape(b, n_pos)
         neg_w = torch.tensor([[w for _, w in s.negatives] for s in specs], dtype=torch.float32).reshape(b, n_neg)
         if (neg_w < 0).any():
