@@ -1,0 +1,391 @@
+"""The README main job: Diffusion-DPO on toy pairs from the toy base model, then an honest evaluation.
+
+    pairs -> train (the shared trainer, data format `pickapic`) -> early stopping on validation reward
+          -> test: base vs tuned on held-out prompts with fixed seeds -> report
+
+Early stopping: the trainer writes a checkpoint every `eval_every` steps; each one samples the
+validation prompts (split `val`, never used for pairs or the final test) and the checkpoint with the
+highest mean oracle reward is the tuned model (step 0, the base itself, competes too, so a run that only
+hurts reports a win rate of 0.5 rather than hiding it). The test split (`test`, 263 captions) is then
+sampled once by the base and once by the chosen model with the same seeds; the paired win rate (ties
+half) and its 95% bootstrap interval come from `diffusion_po.eval.stats.paired_win_rate`.
+
+Outputs in the run folder: `pairs.parquet`, `train/` (trainer output, `metrics.jsonl`), `val.jsonl`,
+`test_scores.jsonl`, `grid.png`, `curves.png`, `results.json`, `report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffusion_po.toy import oracle, world
+from diffusion_po.toy import pairs as toy_pairs
+
+#: the Diffusion-DPO run of the main job (also in configs/toy_dpo.yaml; a test checks they agree)
+TOY_DPO_DEFAULTS: dict[str, Any] = {
+    "method": "dpo",
+    "resolution": 32,
+    "train_batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "max_train_steps": 300,
+    "learning_rate": 2e-6,
+    "lr_scheduler": "constant_with_warmup",
+    "lr_warmup_steps": 10,
+    "adam_weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "beta_dpo": 500.0,
+    "use_lora": False,
+    "checkpointing_steps": 50,
+    "report_to": "none",
+    "seed": 0,
+    "data": {"format": "pickapic", "random_flip": False, "center_crop": True, "drop_ties": True},
+}
+
+
+@dataclass
+class ToyRunConfig:
+    """Sizes of the main job (the defaults are the README run)."""
+
+    out: str = "runs/toy_dpo"
+    model: str | None = None
+    """Base pipeline folder (default: the shipped toy base)."""
+    config: str | None = None
+    """A YAML of trainer keys overriding TOY_DPO_DEFAULTS (e.g. configs/toy_dpo.yaml)."""
+    overrides: list[str] = field(default_factory=list)
+    n_pairs: int = 1000
+    pair_seed: int = 0
+    label_noise: float = 0.0
+    min_margin: float = 0.0
+    n_val: int = 152
+    n_test: int = 263
+    eval_seed: int = 1234
+    steps: int = toy_pairs.DEFAULT_STEPS
+    scale: float = toy_pairs.DEFAULT_SCALE
+    batch_size: int = 64
+    n_boot: int = 2000
+    tie_tol: float = 1e-3
+    """Reward differences at most this large count as ties (half a win): pixel-level noise decides nothing."""
+    pairs_file: str | None = None
+    """Use this pairs parquet instead of sampling new pairs."""
+    grid_prompts: int = 10
+    threads: int | None = None
+    keep_checkpoints: bool = False
+
+
+def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: Path):
+    """The TrainConfig of the DPO stage: defaults, then `run.config`, then `run.overrides`."""
+    from diffusion_po.config import TrainConfig, apply_overrides, from_dict, load_yaml, validate
+
+    data: dict[str, Any] = json.loads(json.dumps(TOY_DPO_DEFAULTS))
+    source = "toy defaults"
+    if run.config:
+        extra = load_yaml(run.config)
+        for key, value in extra.items():
+            if key == "data" and isinstance(value, dict):
+                data["data"].update(value)
+            else:
+                data[key] = value
+        source = run.config
+    if run.overrides:
+        data = apply_overrides(data, run.overrides)
+        source += " (with --set overrides)"
+    data["pretrained_model_name_or_path"] = str(base)
+    data["output_dir"] = str(output_dir)
+    data.setdefault("data", {})
+    data["data"]["data_files"] = [str(pairs_file)]
+    data["data"]["format"] = data["data"].get("format", "pickapic")
+    cfg = from_dict(TrainConfig, data, source)
+    validate(cfg, source)
+    return cfg
+
+
+def _eval_seeds(n: int, seed: int) -> list[int]:
+    return [seed * 1_000_003 + i for i in range(n)]
+
+
+def evaluate(pipe: Any, prompts: list[str], seeds: list[int], run: ToyRunConfig, desc: str) -> tuple[list, list]:
+    """Sample and score; returns (images, oracle results)."""
+    images = toy_pairs.sample(pipe, prompts, seeds, run.steps, run.scale, run.batch_size, progress=True, desc=desc)
+    return images, oracle.score_many(images, prompts)
+
+
+def _checkpoint_model(ckpt: Path) -> tuple[Path | None, Path | None]:
+    if (ckpt / "unet").is_dir():
+        return ckpt / "unet", None
+    lora = ckpt / "pytorch_lora_weights.safetensors"
+    if lora.is_file():
+        return None, ckpt
+    raise FileNotFoundError(f"{ckpt}: neither unet/ nor pytorch_lora_weights.safetensors")
+
+
+def _mean(results: list[oracle.OracleResult], key: str = "reward") -> float:
+    return float(np.mean([getattr(r, key) for r in results]))
+
+
+def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
+    """The whole main job; returns the results dictionary (also written to `out/results.json`)."""
+    import torch
+
+    from diffusion_po.eval.stats import bootstrap_mean_ci, paired_win_rate
+    from diffusion_po.toy.build import ensure_base
+    from diffusion_po.training import checkpoint as ckpt
+    from diffusion_po.training.trainer import train
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_path = ensure_base(run.model)
+    base = toy_pairs.load_pipeline(base_path)
+
+    # 1. preference pairs from the base model on train prompts
+    t0 = time.perf_counter()
+    if run.pairs_file:
+        pairs_file = Path(run.pairs_file)
+        summary = toy_pairs.summarize_pairs(pairs_file)
+    else:
+        pairs_file = out / "pairs.parquet"
+        summary = toy_pairs.write_pairs(base, pairs_file, run.n_pairs, run.pair_seed, "train", run.label_noise,
+                                        run.min_margin, run.steps, run.scale, run.batch_size)
+    timings["pairs"] = time.perf_counter() - t0
+
+    # 2. Diffusion-DPO through the shared trainer
+    t0 = time.perf_counter()
+    train_dir = out / "train"
+    if train_dir.exists():
+        shutil.rmtree(train_dir)
+    cfg = trainer_config(run, base_path, pairs_file, train_dir)
+    train(cfg)
+    timings["train"] = time.perf_counter() - t0
+
+    # 3. early stopping on the validation prompts
+    t0 = time.perf_counter()
+    val_prompts = world.held_out_prompts(run.n_val, run.eval_seed, split="val")
+    val_seeds = _eval_seeds(run.n_val, run.eval_seed + 1)
+    _, base_val = evaluate(base, val_prompts, val_seeds, run, "validation: base")
+    val_curve = [{"step": 0, "reward": _mean(base_val), "colour_ok": _mean(base_val, "colour_ok"),
+                  "shape_ok": _mean(base_val, "shape_ok")}]
+    checkpoints = ckpt.list_checkpoints(train_dir)
+    for c in checkpoints:
+        unet_dir, lora_dir = _checkpoint_model(c)
+        pipe = toy_pairs.with_unet(base, unet_dir, lora_dir)
+        _, res = evaluate(pipe, val_prompts, val_seeds, run, f"validation: step {ckpt.step_of(c)}")
+        val_curve.append({"step": ckpt.step_of(c), "reward": _mean(res), "colour_ok": _mean(res, "colour_ok"),
+                          "shape_ok": _mean(res, "shape_ok")})
+    with (out / "val.jsonl").open("w") as fh:
+        for row in val_curve:
+            fh.write(json.dumps(row) + "\n")
+    best = max(val_curve, key=lambda r: r["reward"])
+    timings["validation"] = time.perf_counter() - t0
+
+    # 4. the test: base vs the chosen model on held-out prompts, same seeds
+    t0 = time.perf_counter()
+    test_prompts = world.held_out_prompts(run.n_test, run.eval_seed + 2, split="test")
+    test_seeds = _eval_seeds(run.n_test, run.eval_seed + 3)
+    base_images, base_res = evaluate(base, test_prompts, test_seeds, run, "test: base")
+    if best["step"] == 0:
+        tuned = base
+    else:
+        chosen = train_dir / f"checkpoint-{best['step']}"
+        unet_dir, lora_dir = _checkpoint_model(chosen)
+        tuned = toy_pairs.with_unet(base, unet_dir, lora_dir)
+        final = out / "tuned"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(chosen / "unet" if unet_dir else chosen, final / ("unet" if unet_dir else ""),
+                        ignore=shutil.ignore_patterns("*.bin", "*.pkl", "optimizer*", "random_states*", "scheduler*"))
+    tuned_images, tuned_res = evaluate(tuned, test_prompts, test_seeds, run, "test: tuned")
+    timings["test"] = time.perf_counter() - t0
+    base_r = [r.reward for r in base_res]
+    tuned_r = [r.reward for r in tuned_res]
+    wr = paired_win_rate(tuned_r, base_r, n_boot=run.n_boot, seed=run.eval_seed, tie_tol=run.tie_tol,
+                         groups=test_prompts)
+    with (out / "test_scores.jsonl").open("w") as fh:
+        for p, s, b, t in zip(test_prompts, test_seeds, base_res, tuned_res):
+            fh.write(json.dumps({"prompt": p, "seed": s, "base": b.to_dict(), "tuned": t.to_dict()}) + "\n")
+
+    if not run.keep_checkpoints:
+        for c in checkpoints:
+            shutil.rmtree(c, ignore_errors=True)
+    metrics = read_metrics(train_dir / "metrics.jsonl")
+    plot_curves(metrics, val_curve, out / "curves.png")
+    save_grid(test_prompts[: run.grid_prompts], base_images, tuned_images, base_r, tuned_r, out / "grid.png")
+    timings["total"] = time.perf_counter() - started
+
+    def stat(values: list[float]) -> dict[str, float]:
+        return bootstrap_mean_ci(values, n_boot=run.n_boot, seed=run.eval_seed).to_dict()
+
+    results = {
+        "win_rate": wr.to_dict(),
+        "base": {**oracle.summarize(base_res), "reward": stat(base_r)},
+        "tuned": {**oracle.summarize(tuned_res), "reward": stat(tuned_r)},
+        "chosen_step": best["step"],
+        "val_curve": val_curve,
+        "pairs": summary.to_dict(),
+        "n_test_prompts": len(set(test_prompts)),
+        "n_test_items": len(test_prompts),
+        "train_config": _cfg_summary(cfg),
+        "run": asdict(run),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "threads": torch.get_num_threads(),
+        "final_train_metrics": metrics[-1] if metrics else {},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, out / "report.md")
+    return results
+
+
+def _cfg_summary(cfg: Any) -> dict[str, Any]:
+    keys = ("method", "learning_rate", "beta_dpo", "train_batch_size", "max_train_steps", "use_lora", "rank",
+            "checkpointing_steps", "sft_weight", "label_smoothing", "seed")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _smooth(values: list[float], k: int = 10) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    if len(arr) < k:
+        return arr
+    kernel = np.ones(k) / k
+    return np.convolve(arr, kernel, mode="valid")
+
+
+def plot_curves(metrics: list[dict[str, float]], val_curve: list[dict[str, float]], path: Path) -> None:
+    """Loss, implicit accuracy (training batches) and validation reward against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    steps = [m["step"] for m in metrics]
+    for ax, key, title in ((axes[0], "loss", "DPO loss"), (axes[1], "implicit_acc", "implicit accuracy")):
+        vals = [m.get(key, np.nan) for m in metrics]
+        ax.plot(steps, vals, alpha=0.3, color="C0")
+        sm = _smooth(vals)
+        if len(sm) != len(vals):
+            ax.plot(steps[len(steps) - len(sm):], sm, color="C0")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    if metrics:
+        axes[0].axhline(float(np.log(2)), color="grey", ls=":", lw=1)
+        axes[1].axhline(0.5, color="grey", ls=":", lw=1)
+    axes[2].plot([r["step"] for r in val_curve], [r["reward"] for r in val_curve], "o-", color="C2")
+    axes[2].axhline(val_curve[0]["reward"], color="grey", ls=":", lw=1)
+    best = max(val_curve, key=lambda r: r["reward"])
+    axes[2].plot([best["step"]], [best["reward"]], "*", ms=14, color="C3")
+    axes[2].set_title("validation oracle reward (* chosen)")
+    axes[2].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_grid(prompts: list[str], base: list, tuned: list, base_r: list[float], tuned_r: list[float],
+              path: Path) -> None:
+    """Base (top row) and tuned (bottom row) samples with the same seeds, with their oracle rewards."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(prompts)
+    fig, axes = plt.subplots(2, n, figsize=(1.45 * n, 3.6), squeeze=False)
+    for j in range(n):
+        for i, (imgs, rs, name) in enumerate(((base, base_r, "base"), (tuned, tuned_r, "tuned"))):
+            ax = axes[i][j]
+            ax.imshow(np.asarray(imgs[j]), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(f"{rs[j]:.2f}", fontsize=7, labelpad=1)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=9)
+        axes[0][j].set_title("\n".join(_wrap(prompts[j], 18)), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, cur = [], ""
+    for word in text.split():
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}".strip()
+    return lines + [cur]
+
+
+def write_report(results: dict[str, Any], path: Path) -> None:
+    wr = results["win_rate"]
+    b, t = results["base"], results["tuned"]
+    tc = results["train_config"]
+    verdict = "above" if wr["lo"] > 0.5 else "not above"
+    lines = [
+        "# Toy world: Diffusion-DPO",
+        "",
+        f"Diffusion-DPO ({'LoRA r=' + str(tc['rank']) if tc['use_lora'] else 'full fine-tune'}, beta_dpo "
+        f"{tc['beta_dpo']:g}, lr {tc['learning_rate']:g}, batch {tc['train_batch_size']} pairs, "
+        f"{tc['max_train_steps']} steps) on {results['pairs']['rows']} oracle-labelled pairs sampled from the toy "
+        f"base model; checkpoint chosen on validation reward: step {results['chosen_step']}.",
+        "",
+        f"**Paired win rate of tuned over base: {wr['win_rate']:.3f} [95% CI {wr['lo']:.3f}, {wr['hi']:.3f}]** "
+        f"over {wr['n']} held-out test prompts ({results['n_test_prompts']} distinct captions, fixed seeds; "
+        f"{wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses); the interval is {verdict} 0.5.",
+        "",
+        "| | base | tuned |",
+        "|---|---|---|",
+        f"| mean oracle reward | {b['reward']['value']:.4f} [{b['reward']['lo']:.4f}, {b['reward']['hi']:.4f}] | "
+        f"{t['reward']['value']:.4f} [{t['reward']['lo']:.4f}, {t['reward']['hi']:.4f}] |",
+    ]
+    for key, name in (("colour_ok", "colour right"), ("shape_ok", "shape right"), ("size_ok", "size right"),
+                      ("position_ok", "position right"), ("clean", "clean / sharp")):
+        lines.append(f"| {name} | {b[key]:.3f} | {t[key]:.3f} |")
+    lines += [
+        "",
+        "Validation reward by checkpoint (step 0 = base):",
+        "",
+        "| step | reward | colour right | shape right |",
+        "|---|---|---|---|",
+    ]
+    for r in results["val_curve"]:
+        lines.append(f"| {r['step']} | {r['reward']:.4f} | {r['colour_ok']:.3f} | {r['shape_ok']:.3f} |")
+    p = results["pairs"]
+    lines += [
+        "",
+        f"Pairs: {p['rows']} ({p['ties']} ties dropped), mean reward {p['mean_reward']:.3f}, mean |margin| "
+        f"{p['mean_margin']:.3f}, label agreement with the oracle {p['oracle_agreement']:.3f}.",
+        "",
+        "![base vs tuned](grid.png)",
+        "",
+        "![curves](curves.png)",
+        "",
+        f"Timings (s, {results['threads']} threads): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+__all__ = ["TOY_DPO_DEFAULTS", "ToyRunConfig", "evaluate", "plot_curves", "run_toy_dpo", "save_grid",
+           "trainer_config", "write_report"]

@@ -1,0 +1,117 @@
+"""The toy base model build (reduced size), the pairs parquet round trip through the real loader, and the
+main job's trainer configuration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_po.toy import build, oracle, world
+from diffusion_po.toy import pairs as toy_pairs
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy_base") / "base"
+    build.build_base(out, build.BuildConfig.small(seed=7))
+    return out
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        for k, v in load_file(f).items():
+            out[f"{f.parent.name}/{k}"] = v
+    return out
+
+
+def test_build_is_a_loadable_pipeline_and_reproducible(small_base, tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(small_base)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae.config.latent_channels == 4
+    assert type(pipe.tokenizer).__name__.startswith("CLIPTokenizer")
+    info = json.loads((small_base / "toy_build.json").read_text())
+    assert info["config"]["seed"] == 7 and info["scaling_factor"] > 0
+    again = build.build_base(tmp_path / "again", build.BuildConfig.small(seed=7))
+    a, b = _tensors(small_base), _tensors(again)
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pairs_parquet_round_trip_through_the_loader(small_base, tmp_path):
+    from diffusion_po.config import DataConfig
+    from diffusion_po.data import build_train_data
+
+    pipe = toy_pairs.load_pipeline(small_base)
+    path = tmp_path / "pairs.parquet"
+    summary = toy_pairs.write_pairs(pipe, path, n_prompts=6, seed=2, steps=2, batch_size=8, progress=False)
+    assert summary.rows == 6
+    rows = toy_pairs.read_pairs(path)
+    assert len(rows) == 6
+    for r in rows:
+        assert world.caption_split(r["caption"]) == "train"
+        assert r["label_0"] + r["label_1"] == 1.0
+        # labels follow the oracle on the stored (JPEG-decoded) images
+        r0, r1 = oracle.reward(r["image_0"], r["caption"]), oracle.reward(r["image_1"], r["caption"])
+        assert r0 == pytest.approx(r["reward_0"]) and r1 == pytest.approx(r["reward_1"])
+        if r["label_0"] != 0.5:
+            assert (r["label_0"] == 1.0) == (r0 > r1)
+        world.parse_caption(r["caption_0"])
+        world.parse_caption(r["caption_1"])
+    # same seeds, same pairs
+    again = tmp_path / "again.parquet"
+    toy_pairs.write_pairs(pipe, again, n_prompts=6, seed=2, steps=2, batch_size=8, progress=False)
+    assert [r["jpg_0"] for r in toy_pairs.read_pairs(again)] == [r["jpg_0"] for r in rows]
+
+    for fmt in ("pickapic", "dcpo"):
+        cfg = DataConfig(format=fmt, data_files=[str(path)], random_flip=False, drop_ties=True)
+        data = build_train_data(cfg, 32, 2, 0, 1, 0)
+        batch = next(iter(data.loader))
+        assert batch["pixels_w"].shape == (2, 3, 32, 32)
+        assert batch["pixels_w"].min() >= -1 and batch["pixels_w"].max() <= 1
+        if fmt == "dcpo":
+            assert len(batch["captions_w"]) == 2
+    # the loader puts the oracle's winner first
+    cfg = DataConfig(format="pickapic", data_files=[str(path)], random_flip=False, drop_ties=True)
+    data = build_train_data(cfg, 32, 1, 0, 1, 0)
+    batch = next(iter(data.loader))
+    row = rows[batch["row_ids"][0]]
+    winner = row["image_0"] if row["label_0"] == 1.0 else row["image_1"]
+    got = ((batch["pixels_w"][0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
+    assert np.abs(got - np.asarray(winner, dtype=np.float64)).max() <= 1.0
+
+
+def test_label_noise_flips_about_the_asked_fraction(small_base, tmp_path):
+    pipe = toy_pairs.load_pipeline(small_base)
+    s = toy_pairs.write_pairs(pipe, tmp_path / "noisy.parquet", n_prompts=40, seed=0, label_noise=0.3, steps=1,
+                              batch_size=80, progress=False)
+    decided = s.rows - s.ties
+    assert 0 < s.flipped < decided
+    assert s.oracle_agreement == pytest.approx(1 - s.flipped / decided)
+
+
+def test_toy_dpo_config_matches_the_shipped_yaml(tmp_path):
+    import yaml
+
+    from diffusion_po.toy.experiment import TOY_DPO_DEFAULTS, ToyRunConfig, trainer_config
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "toy_dpo.yaml"
+    data = yaml.safe_load(shipped.read_text())
+    for key, value in TOY_DPO_DEFAULTS.items():
+        if key == "data":
+            for k, v in value.items():
+                assert data["data"][k] == v, k
+        else:
+            assert data[key] == value, key
+    run = ToyRunConfig(config=str(shipped), overrides=["learning_rate=3e-6"])
+    cfg = trainer_config(run, tmp_path, tmp_path / "p.parquet", tmp_path / "train")
+    assert cfg.learning_rate == 3e-6 and cfg.data.format == "pickapic" and cfg.data.random_flip is False
+    assert cfg.data.data_files == [str(tmp_path / "p.parquet")]
