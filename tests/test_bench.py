@@ -76,7 +76,7 @@ def test_bench_sdxl_and_sd3_cases(tmp_path):
         assert "error" not in r["ours"], r["ours"].get("traceback")
         assert r["model_gflop_per_pair"] == pytest.approx((6 if lora else 8) * r["forward_gflop_per_image"])
         recipe = [k for k in r if k.startswith("recipe_")]
-        assert recipe == ["recipe_p%d_cached" % r["ours"]["pairs"]] and "error" not in r[recipe[0]]
+        assert recipe == [f"recipe_p{r['ours']['pairs']}_cached"] and "error" not in r[recipe[0]]
 
 
 def test_bench_bad_arguments(tmp_path, capsys):

@@ -89,8 +89,8 @@ def sd3_transformer(sample_size: int = 128):
 def build_pipeline(model: str, size: str = "full", network_device: str | torch.device = "cpu", seed: int = 0) -> Any:
     """A random-initialised diffusers pipeline of `model` ('sd15', 'sdxl', 'sd3') at `size`.
 
-    The denoising network is created directly on `network_device` (fast initialisation on a GPU);
-    the VAE and text encoders on the CPU (move them where they are needed).
+    Everything is initialised on `network_device` (fast on a GPU); then the VAE and text encoders go to
+    the CPU (move them where they are needed: training from a cache needs neither).
     """
     if model not in MODELS:
         raise ValueError(f"unknown model '{model}'; choose one of {', '.join(MODELS)}")
@@ -105,9 +105,20 @@ def build_pipeline(model: str, size: str = "full", network_device: str | torch.d
         net.to(network_device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    tok = _tokenizer()
     with torch.device(network_device):
-        net = {"sd15": sd15_unet, "sdxl": sdxl_unet, "sd3": sd3_transformer}[model]()
+        pipe = _build_full(model)
+    pipe.vae.to("cpu")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        enc = getattr(pipe, name, None)
+        if enc is not None:
+            enc.to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_full(model: str) -> Any:
+    tok = _tokenizer()
+    net = {"sd15": sd15_unet, "sdxl": sdxl_unet, "sd3": sd3_transformer}[model]()
     if model == "sd15":
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -138,7 +149,6 @@ def build_pipeline(model: str, size: str = "full", network_device: str | torch.d
             text_encoder_2=_clip(1280, 32, 20, 5120, "gelu", projection=1280),
             text_encoder_3=None, tokenizer=tok, tokenizer_2=tok, tokenizer_3=None,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

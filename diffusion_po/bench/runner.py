@@ -189,6 +189,9 @@ def _recipe(pipe: Any, model: str, s: Settings, dev: torch.device, pairs: int, l
             with_encoders: bool, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
     from diffusion_po.bench.reference import reference_step
 
+    source = network_of(pipe)
+    home = next(source.parameters()).device
+    source.to("cpu")  # the recipe's peak memory is its own: our copy of the network waits on the CPU
     free_memory(dev)
     step, release = reference_step(pipe, model, pairs, RESOLUTION[(model, s.size)],
                                    {k: tuple(v.shape) for k, v in cond.items()}, dev, lora=lora,
@@ -200,8 +203,9 @@ def _recipe(pipe: Any, model: str, s: Settings, dev: torch.device, pairs: int, l
                "encoders_each_step": with_encoders}
     finally:
         release()
-        del step
+        step = None
         free_memory(dev)
+        source.to(home)
     return out
 
 

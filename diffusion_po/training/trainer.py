@@ -302,13 +302,36 @@ class Trainer:
             return
         net = self.unwrapped
         if self.cfg.use_lora:
-            net.disable_adapters()
+            layers = self._lora_layers()
+            if layers is None:
+                net.disable_adapters()
+                try:
+                    yield net
+                finally:
+                    net.enable_adapters()
+                return
+            # what peft's disable_adapters() does to the forward, without walking every module and
+            # toggling requires_grad twice per step (the reference runs without gradients anyway)
+            before = [layer._disable_adapters for layer in layers]
+            for layer in layers:
+                layer._disable_adapters = True
             try:
                 yield net
             finally:
-                net.enable_adapters()
+                for layer, flag in zip(layers, before):
+                    layer._disable_adapters = flag
         else:
             yield net
+
+    def _lora_layers(self) -> list[torch.nn.Module] | None:
+        """The network's peft LoRA layers (found once), or None if peft's private flag is not there."""
+        if not hasattr(self, "_lora_layer_cache"):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [m for m in self.unwrapped.modules() if isinstance(m, BaseTunerLayer)]
+            ok = layers and all(isinstance(getattr(m, "_disable_adapters", None), bool) for m in layers)
+            self._lora_layer_cache = layers if ok else None
+        return self._lora_layer_cache
 
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
