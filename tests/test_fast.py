@@ -174,7 +174,9 @@ def test_metric_floats_one_copy():
 def test_device_prefetcher_moves_batches():
     from diffusion_po.training.trainer import DevicePrefetcher
 
-    batches = [{"x": torch.full((2,), float(i)), "t": {"c": torch.ones(1)}, "s": ["a"]} for i in range(3)]
+    batches = [{"x": torch.full((2,), float(i)).pin_memory(), "t": {"c": torch.ones(1)}, "s": ["a"],
+                "original_sizes": torch.ones(1, 2)} for i in range(3)]
     out = list(DevicePrefetcher(batches, torch.device("cuda")))
-    assert [b["x"].device.type for b in out] == ["cuda"] * 3
+    assert [b["x"].device.type for b in out] == ["cuda"] * 3 and out[1]["t"]["c"].is_cuda
     assert [float(b["x"][0]) for b in out] == [0.0, 1.0, 2.0] and out[0]["s"] == ["a"]
+    assert not out[0]["original_sizes"].is_cuda

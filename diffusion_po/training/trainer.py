@@ -586,7 +586,10 @@ def speed_up(network: torch.nn.Module, cfg: TrainConfig, family: Family, device:
 
 
 class DevicePrefetcher:
-    """Iterate a loader with each next batch already copied to the GPU on a side stream."""
+    """Iterate a loader with each next batch already copied to the GPU on a side stream.
+    Keys in `HOST_KEYS` stay on the host (the families read image sizes there)."""
+
+    HOST_KEYS = frozenset({"original_sizes", "crop_top_lefts", "row_ids", "bad_rows"})
 
     def __init__(self, loader: Any, device: torch.device):
         self.loader, self.device = loader, device
@@ -595,7 +598,7 @@ class DevicePrefetcher:
         if torch.is_tensor(value):
             return value.to(self.device, non_blocking=True)
         if isinstance(value, dict):
-            return {k: self._to(v) for k, v in value.items()}
+            return {k: (v if k in self.HOST_KEYS else self._to(v)) for k, v in value.items()}
         return value
 
     def _record(self, value: Any, stream: Any) -> None:
