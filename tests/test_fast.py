@@ -180,3 +180,25 @@ def test_device_prefetcher_moves_batches():
     assert [b["x"].device.type for b in out] == ["cuda"] * 3 and out[1]["t"]["c"].is_cuda
     assert [float(b["x"][0]) for b in out] == [0.0, 1.0, 2.0] and out[0]["s"] == ["a"]
     assert not out[0]["original_sizes"].is_cuda
+
+
+def test_channels_last_checkpoints_save_and_resume(tmp_path, tiny_sd):
+    """Channels-last weights are not contiguous: checkpoints, resume and the final diffusers folder still work."""
+    import json
+
+    import yaml
+
+    from diffusion_po.cli import main
+    from tests.helpers import write_pickapic
+
+    data = write_pickapic(tmp_path / "d.parquet", n=6)
+    cfg = {"pretrained_model_name_or_path": tiny_sd, "output_dir": str(tmp_path / "out"), "resolution": 32,
+           "train_batch_size": 2, "max_train_steps": 2, "checkpointing_steps": 1, "report_to": "none",
+           "learning_rate": 1e-4, "channels_last": True, "data": {"format": "pickapic", "data_files": [str(data)]}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--resume", "--set", "max_train_steps=3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (tmp_path / "out" / "unet" / "config.json").is_file()

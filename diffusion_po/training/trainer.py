@@ -492,7 +492,8 @@ class Trainer:
         tmp = ckpt.temporary_dir(self.output_dir, step)
         self.state.generator_state = self.context.generator.get_state()
         self.state.method_state = self.method.state_dict()
-        acc.save_state(str(tmp))
+        # channels-last convolution weights are not contiguous, which safetensors refuses: pickle them then
+        acc.save_state(str(tmp), safe_serialization=not self.channels_last)
         if acc.is_main_process:
             self._write_weights(tmp)
         acc.wait_for_everyone()
