@@ -12,11 +12,15 @@ from diffusion_po.cli import main
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
+    """A clean accelerate state, and one thread (timings on a shared CPU; restored after)."""
     from accelerate.state import AcceleratorState
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     AcceleratorState._reset_state()
     yield
     AcceleratorState._reset_state()
+    torch.set_num_threads(threads)
 
 
 def _bench(tmp_path, cases: str, *extra: str) -> dict:
