@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -153,6 +155,10 @@ def test_inductor_compiled_blocks_keep_the_loss(tmp_path, tiny_sd):
 def test_auto_switches_are_off_on_the_cpu(tmp_path, tiny_sd):
     trainer = _trainer(tmp_path, tiny_sd, "auto")
     assert trainer.compiled == "none" and not trainer.channels_last
+    trainer = _trainer(tmp_path, tiny_sd, "cl", channels_last=True)
+    snapshot = trainer.context.speed_up(copy.deepcopy(trainer.unwrapped))  # e.g. a DRO sampling snapshot
+    conv = snapshot.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
 def test_unknown_compile_blocks_is_a_clear_error(tmp_path, tiny_sd):
