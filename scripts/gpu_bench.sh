@@ -3,8 +3,7 @@
 # H100/H200, in about 6-9 minutes, with a short GPU correctness check first.
 #
 # 1. Here (a machine with PyPI), once:      bash scripts/gpu_bench.sh fetch
-#    downloads the wheels the device image lacks (diffusers, open_clip_torch, ftfy, wcwidth) into .whl/
-#    (ignored by git; .gitignore has .whl/).
+#    downloads the wheels the device image lacks into .whl/ (~12 MB; ignored by git: .gitignore has .whl/).
 # 2. With the device tool:                  run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=600)
 # 3. Results under $OUT: bench-full.json (every case, merged), bench.log (the tables), gpu_tests.log, gpu.txt.
 #
@@ -15,7 +14,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4)
+# not in the device image (diffusers, open_clip_torch for the CLIP vocabulary, ftfy, wcwidth), or pinned to
+# the versions the tests ran with (peft, timm: open_clip needs timm >= 1.0.17)
+WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 peft==0.21.2 timm==1.0.31)
 
 if [ "${1:-}" = "fetch" ]; then
   mkdir -p .whl

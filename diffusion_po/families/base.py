@@ -218,6 +218,16 @@ def compile_regions(module: torch.nn.Module, block_names: list[str] | tuple[str,
     return n
 
 
+def raise_compile_limits(per_code: int = 128, total: int = 2048) -> None:
+    """Room for one compiled graph per distinct block shape, grad mode and dtype (dynamo stops at 8)."""
+    import torch._dynamo as dynamo
+
+    for name, value in (("recompile_limit", per_code), ("cache_size_limit", per_code),
+                        ("accumulated_recompile_limit", total), ("accumulated_cache_size_limit", total)):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), value))
+
+
 def speed_up_for_sampling(pipe: Any, compile: bool = True, channels_last: bool | None = None,
                           mode: str | None = None) -> dict[str, Any]:
     """Make a pipeline's denoising network faster for sampling, in place: channels-last (UNets; default on
@@ -233,9 +243,7 @@ def speed_up_for_sampling(pipe: Any, compile: bool = True, channels_last: bool |
         network.to(memory_format=torch.channels_last)
         done["channels_last"] = True
     if compile:
-        import torch._dynamo as dynamo
-
-        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 128)
+        raise_compile_limits()
         kwargs = {"mode": mode} if mode else {}
         done["compiled_blocks"] = compile_regions(network, fam.repeated_blocks, **kwargs)
     return done

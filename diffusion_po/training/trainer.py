@@ -23,6 +23,7 @@ from diffusion_po.config import TrainConfig, save_config, to_dict
 from diffusion_po.data import build_train_data
 from diffusion_po.errors import DataError, UserError
 from diffusion_po.families import Conditioning, Family, compile_regions, cond_to, load_family
+from diffusion_po.families.base import raise_compile_limits
 from diffusion_po.objectives import Method, get_method_class
 from diffusion_po.training import checkpoint as ckpt
 
@@ -498,8 +499,7 @@ class Trainer:
         tmp = ckpt.temporary_dir(self.output_dir, step)
         self.state.generator_state = self.context.generator.get_state()
         self.state.method_state = self.method.state_dict()
-        # channels-last convolution weights are not contiguous, which safetensors refuses: pickle them then
-        acc.save_state(str(tmp), safe_serialization=not self.channels_last)
+        acc.save_state(str(tmp))  # (accelerate makes channels-last weights contiguous for safetensors)
         if acc.is_main_process:
             self._write_weights(tmp)
         acc.wait_for_everyone()
@@ -573,11 +573,7 @@ def speed_up(network: torch.nn.Module, cfg: TrainConfig, family: Family, device:
         dynamo.config.suppress_errors = True  # a default must never stop a run: fall back to eager
     if mode == "none":
         return "none"
-    import torch._dynamo as dynamo
-
-    # every distinct block shape (and grad mode, dtype) is one entry; a UNet has a few dozen
-    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 128)
-    dynamo.config.accumulated_recompile_limit = max(dynamo.config.accumulated_recompile_limit, 2048)
+    raise_compile_limits()  # every distinct block shape (and grad mode, dtype) is one entry
     kwargs: dict[str, Any] = {"backend": cfg.compile_backend, "dynamic": cfg.compile_dynamic}
     if cfg.compile_mode:
         kwargs["mode"] = cfg.compile_mode
