@@ -62,7 +62,9 @@ def test_bench_sampling_and_online_cases(tmp_path, capsys):
     s = report["cases"]["sd15-sampling"]
     for key in ("stock", "ours_eager", "ours"):
         assert s[key]["images_per_s"] > 0, s[key]
-    assert set(s["step_ms"]) == {"cfg", "perp-neg", "npo-lora"} and s["step_ms"]["cfg"]["x_cfg"] == 1.0
+    assert set(s["step_ms_eager"]) == {"cfg", "perp-neg", "npo-lora"} and s["step_ms_eager"]["cfg"]["x_cfg"] == 1.0
+    assert set(s["step_ms"]) == {"cfg", "perp-neg"}
+    assert s["ratios"]["perp_neg_vs_cfg_step"] == s["step_ms"]["perp-neg"]["x_cfg"]
     assert s["ratios"]["speedup_vs_stock"] == pytest.approx(s["ours"]["images_per_s"] / s["stock"]["images_per_s"])
     d = report["cases"]["sd15-dro"]["ours"]
     assert "error" not in d, d.get("traceback")
