@@ -429,6 +429,10 @@ def run_bench(cases: list[str] | None, settings: Settings, json_path: str | Path
             result = {"error": f"{type(exc).__name__}: {exc}"[:400], "traceback": traceback.format_exc()[-1500:]}
         result["kind"] = spec["kind"]
         result["wall_s"] = time.perf_counter() - t0
+        import torch._dynamo as dynamo
+
+        dynamo.reset()  # compiled graphs of this case's networks go with them (the disk cache stays)
+        free_memory(dev)
         report["cases"][name] = result
         echo(format_case(name, result))
         if json_path:
