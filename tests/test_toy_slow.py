@@ -1,0 +1,54 @@
+"""End-to-end toy runs on the shipped base model (slow: minutes; run by CI)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from diffusion_po.toy.build import ASSET_DIR, is_pipeline_folder
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.toy,
+    pytest.mark.skipif(not is_pipeline_folder(ASSET_DIR), reason="the shipped toy base model is missing"),
+]
+
+
+def test_main_job_at_reduced_size_beats_the_base(tmp_path):
+    """Pairs -> Diffusion-DPO (real trainer) -> early stopping -> paired test; the tuned model must win."""
+    from diffusion_po.toy.experiment import ToyRunConfig, run_toy_dpo
+
+    run = ToyRunConfig(out=str(tmp_path / "run"), n_pairs=REDUCED["pairs"], n_val=REDUCED["val"],
+                       n_test=REDUCED["test"], overrides=REDUCED["overrides"])
+    results = run_toy_dpo(run)
+    wr = results["win_rate"]
+    assert wr["n"] == REDUCED["test"]
+    assert wr["win_rate"] > 0.5 and wr["lo"] > 0.5, wr
+    assert results["tuned"]["reward"]["value"] > results["base"]["reward"]["value"]
+    for name in ("report.md", "grid.png", "curves.png", "results.json", "pairs.parquet", "train/metrics.jsonl"):
+        assert (tmp_path / "run" / name).is_file(), name
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["win_rate"]["win_rate"] == wr["win_rate"]
+
+
+REDUCED = {"pairs": 500, "val": 64, "test": 200, "overrides": ["max_train_steps=150"]}
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = os.path.join(os.path.dirname(__file__), "..", "notebooks", "quickstart.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    os.environ["DIFFUSION_PO_NOTEBOOK_SMALL"] = "1"
+    os.environ["DIFFUSION_PO_NOTEBOOK_OUT"] = str(tmp_path / "nb")
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("DIFFUSION_PO_NOTEBOOK_SMALL", None)
+        os.environ.pop("DIFFUSION_PO_NOTEBOOK_OUT", None)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+    assert (tmp_path / "nb" / "report.md").is_file()
