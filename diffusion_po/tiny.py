@@ -56,6 +56,11 @@ def save_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") ->
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token)
     tok.model_max_length = 77
     tok.save_pretrained(folder)
+    # transformers 5 saves only tokenizer.json; 4.x's (slow) CLIPTokenizer, which diffusers' pipelines load
+    # there, needs vocab.json and merges.txt. Keep those two (half the size) and build the fast one from them.
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer.json").unlink(missing_ok=True)
 
 
 def _clip_text_config(hidden: int, layers: int = 2, projection: int | None = None):

@@ -85,7 +85,8 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
         chosen = train_dir / f"checkpoint-{best['step']}"
         tuned_res = oracle.score_many(sample_tuned(chosen, test_prompts, test_seeds, "test: tuned"), test_prompts)
     base_r, tuned_r = [r.reward for r in base_res], [r.reward for r in tuned_res]
-    wr = paired_win_rate(tuned_r, base_r, n_boot=run.n_boot, seed=run.eval_seed, groups=test_prompts)
+    wr = paired_win_rate(tuned_r, base_r, n_boot=run.n_boot, seed=run.eval_seed, tie_tol=run.tie_tol,
+                         groups=test_prompts)
     with (out / "test_scores.jsonl").open("w") as fh:
         for p, s, b, t in zip(test_prompts, test_seeds, base_res, tuned_res):
             fh.write(json.dumps({"prompt": p, "seed": s, "base": b.to_dict(), "tuned": t.to_dict()}) + "\n")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion_po.toy.experiment import ToyRunConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=[*PAIRED, "dro", "npo", "self_npo", "table"])
+    p.add_argument("method", choices=["dpo", *PAIRED, "dro", "npo", "self_npo", "table"])
     p.add_argument("folders", nargs="*", help="(table) run folders")
     p.add_argument("--out", default=None)
     p.add_argument("--model", default=None, help="toy base folder (default: shipped or cached)")

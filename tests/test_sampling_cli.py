@@ -145,3 +145,18 @@ def test_toy_experiment_scripts_run_end_to_end(tiny_model_factory, tmp_path):
     assert set(res["summary"]) == {"cfg", "negative-prompt", "perp-neg", "perp-neg-w1.5", "composable"}
     assert (tmp_path / "pn" / "results.json").is_file() and (tmp_path / "pn" / "grid_perp-neg.png").is_file()
     assert res["paired"]["perp-neg vs negative-prompt (keep_score)"]["n"] == 4
+
+
+@pytest.mark.slow  # inductor compiles the blocks on the CPU (about a minute)
+def test_cli_compile_matches_eager(tiny_model_factory, tmp_path):
+    """`--compile` compiles the network's repeated blocks and draws the same images as eager sampling."""
+    model = tiny_model_factory("sd")
+    common = ["sample", "--model", model, "--prompt", "a cat", "--steps", "2", "--seeds", "0-1", "--no-progress"]
+    assert main([*common, "-o", str(tmp_path / "eager")]) == 0
+    assert main([*common, "--compile", "-o", str(tmp_path / "compiled")]) == 0
+    eager, compiled = _rows(tmp_path / "eager"), _rows(tmp_path / "compiled")
+    assert [r["compile"] for r in eager + compiled] == [False, False, True, True]
+    for a, b in zip(eager, compiled):
+        pa = np.asarray(Image.open(tmp_path / "eager" / a["file"]), dtype=np.int16)
+        pb = np.asarray(Image.open(tmp_path / "compiled" / b["file"]), dtype=np.int16)
+        assert np.abs(pa - pb).max() <= 2  # compiled kernels may round differently, not more

@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--vae", help="alternative VAE folder or hub id (e.g. SDXL fp16-fix)")
     m.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the network's repeated blocks (regional; the first batch compiles) and use "
+                        "channels-last on CUDA UNets: faster for many images")
 
     q = p.add_argument_group("prompts")
     q.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -154,6 +157,14 @@ def run(args: argparse.Namespace) -> int:
         negative_model=args.negative_model, npo_base=args.npo_base, npo_merge_weight=args.npo_merge_weight,
         negative_kinds=kinds, scheduler=args.scheduler, device=args.device, dtype=args.dtype, vae=args.vae,
     )
+    if args.compile:
+        from diffusion_po.families import speed_up_for_sampling
+
+        speed_up_for_sampling(pipe)
+        if negative is not None and negative.network is not None:
+            from diffusion_po.families.base import compile_regions, family_for_pipeline_class
+
+            compile_regions(negative.network, family_for_pipeline_class(pipe).repeated_blocks)
     ad = adapter_for(pipe)
     dh, dw = ad.default_size()
     height = args.height or args.resolution or dh
@@ -175,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         "negative_model": negative.describe() if negative else None,
         **guidance.describe(),
         "scheduler": type(pipe.scheduler).__name__, "steps": steps, "eta": args.eta,
-        "height": height, "width": width, "dtype": args.dtype, "family": ad.family,
+        "height": height, "width": width, "dtype": args.dtype, "compile": args.compile, "family": ad.family,
         "diffusion_po_version": __version__,
     }
 

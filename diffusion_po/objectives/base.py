@@ -53,6 +53,9 @@ class TrainContext(Protocol):
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of a scalar over all processes, without grad."""
 
+    def speed_up(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The run's speed switches (channels-last, compiled blocks) on a copy of the network, in place."""
+
     @property
     def trainable_network(self) -> torch.nn.Module:
         """The unwrapped network being trained (for EMA teachers and policy snapshots)."""

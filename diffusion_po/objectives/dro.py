@@ -107,6 +107,8 @@ class DiffusionDRO(Method):
     def setup(self, ctx: TrainContext) -> None:
         """The sampling snapshot: a frozen copy of the network as training starts."""
         self.snapshot = frozen_copy(trainable_network(ctx))
+        if hasattr(ctx, "speed_up"):  # the run's speed switches (a deep copy is not compiled)
+            ctx.speed_up(self.snapshot)
         acc = getattr(ctx, "accelerator", None)
         if acc is not None:
             self.generator.manual_seed(int(ctx.config.seed) * 7919 + 17 + acc.process_index)

@@ -128,6 +128,8 @@ class SelfNPO(Method):
         """Make the EMA teacher: a frozen copy of the network as training starts."""
         student = trainable_network(ctx)
         self.teacher = frozen_copy(student)
+        if hasattr(ctx, "speed_up"):  # the run's speed switches (a deep copy is not compiled)
+            ctx.speed_up(self.teacher)
         # only these differ between teacher and student (all of them for full fine-tuning, the LoRA weights otherwise)
         self._trainable = {n for n, p in student.named_parameters() if p.requires_grad}
         name = ctx.family.name
