@@ -48,11 +48,13 @@ def loss(
     else:
         per_pair = nll
     total = per_pair.mean()
+    dpo_term = total
     if sft_weight:
-        total = total + sft_weight * err_w.float().mean()
+        sft_term = err_w.float().mean()
+        total = total + sft_weight * sft_term
     metrics = {
         "loss": total.detach(),
-        "dpo_loss": per_pair.mean().detach(),
+        "dpo_loss": dpo_term.detach(),
         "implicit_acc": ((z > 0).float().mean() + 0.5 * (z == 0).float().mean()).detach(),
         "reward_margin": z.mean().detach(),
         "model_diff": (err_w - err_l).float().mean().detach(),
@@ -60,6 +62,8 @@ def loss(
         "raw_model_loss": (0.5 * (err_w.float().mean() + err_l.float().mean())).detach(),
         "ref_loss": (0.5 * (ref_err_w.float().mean() + ref_err_l.float().mean())).detach(),
     }
+    if sft_weight:
+        metrics["sft_loss"] = sft_term.detach()
     return total, metrics
 
 

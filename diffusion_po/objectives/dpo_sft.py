@@ -8,11 +8,10 @@ z as in Diffusion-DPO; alpha = `sft_weight` (must be > 0); the same noise and t 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from diffusion_po.errors import ConfigError
+from diffusion_po.objectives import dpo
 from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
-from diffusion_po.objectives.dpo import implicit_reward_z
 from diffusion_po.objectives.paired import paired_errors
 
 
@@ -24,19 +23,8 @@ def loss(
     beta: float = 5000.0,
     sft_weight: float = 1.0,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Diffusion-DPO + sft_weight * mean(err_w), over 1-D per-sample errors."""
-    z = implicit_reward_z(err_w, err_l, ref_err_w, ref_err_l, beta)
-    dpo_term = -F.logsigmoid(z).mean()
-    sft_term = err_w.float().mean()
-    total = dpo_term + sft_weight * sft_term
-    metrics = {
-        "loss": total.detach(),
-        "dpo_loss": dpo_term.detach(),
-        "sft_loss": sft_term.detach(),
-        "implicit_acc": ((z > 0).float().mean() + 0.5 * (z == 0).float().mean()).detach(),
-        "reward_margin": z.mean().detach(),
-    }
-    return total, metrics
+    """Diffusion-DPO + sft_weight * mean(err_w), over 1-D per-sample errors (`dpo.loss` with an SFT term)."""
+    return dpo.loss(err_w, err_l, ref_err_w, ref_err_l, beta=beta, sft_weight=sft_weight)
 
 
 @register_method

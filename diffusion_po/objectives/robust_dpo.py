@@ -11,11 +11,10 @@ Method `robust_dpo` reads `label_smoothing` (must be > 0) and `beta_dpo`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from diffusion_po.errors import ConfigError
+from diffusion_po.objectives import dpo
 from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
-from diffusion_po.objectives.dpo import implicit_reward_z
 from diffusion_po.objectives.paired import paired_errors
 
 
@@ -27,18 +26,10 @@ def loss(
     beta: float = 5000.0,
     epsilon: float = 0.1,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Label-flip de-biased Diffusion-DPO loss over 1-D per-sample errors."""
+    """Label-flip de-biased Diffusion-DPO loss over 1-D per-sample errors (`dpo.loss` with label smoothing)."""
     if not 0.0 <= epsilon < 0.5:
         raise ValueError(f"epsilon must be in [0, 0.5), got {epsilon}")
-    z = implicit_reward_z(err_w, err_l, ref_err_w, ref_err_l, beta)
-    per_pair = ((1 - epsilon) * -F.logsigmoid(z) - epsilon * -F.logsigmoid(-z)) / (1 - 2 * epsilon)
-    total = per_pair.mean()
-    metrics = {
-        "loss": total.detach(),
-        "implicit_acc": ((z > 0).float().mean() + 0.5 * (z == 0).float().mean()).detach(),
-        "reward_margin": z.mean().detach(),
-    }
-    return total, metrics
+    return dpo.loss(err_w, err_l, ref_err_w, ref_err_l, beta=beta, label_smoothing=epsilon)
 
 
 @register_method
