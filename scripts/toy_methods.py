@@ -102,7 +102,8 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
             "n_test_items": len(test_prompts), "n_test_prompts": len(set(test_prompts))}
 
 
-def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
+def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: str | None = None,
+               experts: int | None = None) -> dict[str, Any]:
     """Data (pairs, experts or prompts) -> training -> validation -> test, for one method."""
     import torch
 
@@ -141,7 +142,7 @@ def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: 
                                                        run.batch_size).to_dict()
         data_file = target
     if method == "dro":
-        top = max(32, run.n_pairs // 4)
+        top = experts or max(32, run.n_pairs // 4)
         data_file = select_top_experts([str(target)], lambda ims, ps: [oracle.reward(i, p) for i, p in zip(ims, ps)],
                                        top, out / "experts", progress=False)
         data_info["experts"] = json.loads((out / "experts" / "selection.json").read_text())
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--pairs-file", default=None, help="reuse this pairs parquet instead of sampling new pairs")
+    p.add_argument("--experts", type=int, default=None,
+                   help="(dro) how many top images of the pair samples are the experts (default pairs / 4)")
     p.add_argument("--cache-dir", default=None, help="cache the base model's validation/test rewards here")
     args = p.parse_args(argv)
     if args.method == "table":
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     run = ToyRunConfig(out=args.out or f"runs/toy_{args.method}", model=args.model, config=args.config,
                        overrides=list(args.overrides), n_pairs=args.pairs, n_val=args.val, n_test=args.test,
                        threads=args.threads, keep_checkpoints=args.keep_checkpoints)
-    res = run_method(args.method, run, args.pairs_file, args.cache_dir)
+    res = run_method(args.method, run, args.pairs_file, args.cache_dir, args.experts)
     wr = res["win_rate"]
     print(f"{args.method}: win rate {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] (n={wr['n']}); "
           f"report in {run.out}/report.md")
