@@ -103,7 +103,7 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
 
 
 def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: str | None = None,
-               experts: int | None = None) -> dict[str, Any]:
+               experts: int | None = None, images: str | None = None) -> dict[str, Any]:
     """Data (pairs, experts or prompts) -> training -> validation -> test, for one method."""
     import torch
 
@@ -146,7 +146,11 @@ def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: 
         data_file = select_top_experts([str(target)], lambda ims, ps: [oracle.reward(i, p) for i, p in zip(ims, ps)],
                                        top, out / "experts", progress=False)
         data_info["experts"] = json.loads((out / "experts" / "selection.json").read_text())
-    if method == "self_npo":
+    if method == "self_npo" and images:  # Self-NPO from images (the reference's mode), an experts.jsonl
+        data_file = Path(images)
+        run.overrides = ["data.format=images", *run.overrides]
+        data_info["images"] = str(images)
+    elif method == "self_npo":
         data_file = out / "prompts.txt"
         data_file.write_text("\n".join(world.split_captions("train")) + "\n")
         data_info["prompts"] = len(world.split_captions("train"))
@@ -249,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs-file", default=None, help="reuse this pairs parquet instead of sampling new pairs")
     p.add_argument("--experts", type=int, default=None,
                    help="(dro) how many top images of the pair samples are the experts (default pairs / 4)")
+    p.add_argument("--images", default=None,
+                   help="(self_npo) train from these images (an experts.jsonl) instead of prompts only")
     p.add_argument("--cache-dir", default=None, help="cache the base model's validation/test rewards here")
     args = p.parse_args(argv)
     if args.method == "table":
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     run = ToyRunConfig(out=args.out or f"runs/toy_{args.method}", model=args.model, config=args.config,
                        overrides=list(args.overrides), n_pairs=args.pairs, n_val=args.val, n_test=args.test,
                        threads=args.threads, keep_checkpoints=args.keep_checkpoints)
-    res = run_method(args.method, run, args.pairs_file, args.cache_dir, args.experts)
+    res = run_method(args.method, run, args.pairs_file, args.cache_dir, args.experts, args.images)
     wr = res["win_rate"]
     print(f"{args.method}: win rate {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] (n={wr['n']}); "
           f"report in {run.out}/report.md")
