@@ -61,10 +61,11 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
 
     from diffusion_po.eval.stats import bootstrap_mean_ci, paired_win_rate
     from diffusion_po.toy import oracle, world
+    from diffusion_po.toy.experiment import eval_seeds
     from diffusion_po.training import checkpoint as ckpt
 
     val_prompts = world.held_out_prompts(run.n_val, run.eval_seed, split="val")
-    val_seeds = [(run.eval_seed + 1) * 1_000_003 + i for i in range(run.n_val)]
+    val_seeds = eval_seeds(run.n_val, run.eval_seed + 1)
     key = {"model": base_id, "steps": run.steps, "scale": run.scale}
     base_val = _cached_base(cache_dir, {**key, "prompts": val_prompts, "seeds": val_seeds},
                             lambda: oracle.score_many(sample_base(val_prompts, val_seeds, "validation: base"), val_prompts))
@@ -76,7 +77,7 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
         curve.append({"step": ckpt.step_of(c), "reward": float(np.mean([r.reward for r in res]))})
     best = max(curve, key=lambda r: r["reward"])
     test_prompts = world.held_out_prompts(run.n_test, run.eval_seed + 2, split="test")
-    test_seeds = [(run.eval_seed + 3) * 1_000_003 + i for i in range(run.n_test)]
+    test_seeds = eval_seeds(run.n_test, run.eval_seed + 3)
     base_res = _cached_base(cache_dir, {**key, "prompts": test_prompts, "seeds": test_seeds},
                             lambda: oracle.score_many(sample_base(test_prompts, test_seeds, "test: base"), test_prompts))
     if best["step"] == 0:
@@ -114,8 +115,7 @@ def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: 
     from diffusion_po.toy import oracle, world
     from diffusion_po.toy import pairs as toy_pairs
     from diffusion_po.toy.build import ensure_base
-    from diffusion_po.toy.experiment import trainer_config
-    from diffusion_po.training.trainer import train
+    from diffusion_po.toy.experiment import checkpoint_model, sample_pairs, train_stage
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -137,9 +137,7 @@ def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: 
             shutil.copyfile(pairs_file, target)
             data_info["pairs"] = {"reused": str(pairs_file)}
         else:
-            data_info["pairs"] = toy_pairs.write_pairs(base, target, run.n_pairs, run.pair_seed, "train",
-                                                       run.label_noise, run.min_margin, run.steps, run.scale,
-                                                       run.batch_size).to_dict()
+            data_info["pairs"] = sample_pairs(run, base, target).to_dict()
         data_file = target
     if method == "dro":
         top = experts or max(32, run.n_pairs // 4)
@@ -158,10 +156,7 @@ def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: 
 
     t0 = time.perf_counter()
     train_dir = out / "train"
-    if train_dir.exists():
-        shutil.rmtree(train_dir)
-    cfg = trainer_config(run, base_path, data_file, train_dir)
-    train(cfg)
+    cfg = train_stage(run, base_path, data_file, train_dir)
     timings["train"] = time.perf_counter() - t0
 
     def sample_cfg(prompts, seeds, desc):
@@ -169,8 +164,7 @@ def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: 
 
     if method not in ("npo", "self_npo"):
         def sample_tuned(ckpt_dir, prompts, seeds, desc):
-            pipe = toy_pairs.with_unet(base, ckpt_dir / "unet" if (ckpt_dir / "unet").is_dir() else None,
-                                       None if (ckpt_dir / "unet").is_dir() else ckpt_dir)
+            pipe = toy_pairs.with_unet(base, *checkpoint_model(ckpt_dir))
             return toy_pairs.sample(pipe, prompts, seeds, run.steps, run.scale, run.batch_size, progress=True, desc=desc)
         label = "tuned vs base (CFG)"
     else:

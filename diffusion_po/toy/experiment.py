@@ -106,8 +106,26 @@ def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: 
     return cfg
 
 
-def _eval_seeds(n: int, seed: int) -> list[int]:
+def eval_seeds(n: int, seed: int) -> list[int]:
+    """The fixed sampling seeds of an evaluation split (shared by base and tuned, so images pair up)."""
     return [seed * 1_000_003 + i for i in range(n)]
+
+
+def sample_pairs(run: ToyRunConfig, base: Any, path: Path):
+    """Oracle-labelled pairs from the base model on train prompts, written to `path` (the run's sizes)."""
+    return toy_pairs.write_pairs(base, path, run.n_pairs, run.pair_seed, "train", run.label_noise,
+                                 run.min_margin, run.steps, run.scale, run.batch_size)
+
+
+def train_stage(run: ToyRunConfig, base_path: Path, data_file: Path, train_dir: Path):
+    """Train through the shared trainer into a fresh `train_dir`; returns the TrainConfig used."""
+    from diffusion_po.training.trainer import train
+
+    if train_dir.exists():
+        shutil.rmtree(train_dir)
+    cfg = trainer_config(run, base_path, data_file, train_dir)
+    train(cfg)
+    return cfg
 
 
 def evaluate(pipe: Any, prompts: list[str], seeds: list[int], run: ToyRunConfig, desc: str) -> tuple[list, list]:
@@ -116,7 +134,8 @@ def evaluate(pipe: Any, prompts: list[str], seeds: list[int], run: ToyRunConfig,
     return images, oracle.score_many(images, prompts)
 
 
-def _checkpoint_model(ckpt: Path) -> tuple[Path | None, Path | None]:
+def checkpoint_model(ckpt: Path) -> tuple[Path | None, Path | None]:
+    """(unet folder, None) for a full fine-tune checkpoint, (None, checkpoint) for a LoRA one."""
     if (ckpt / "unet").is_dir():
         return ckpt / "unet", None
     lora = ckpt / "pytorch_lora_weights.safetensors"
@@ -136,7 +155,6 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     from diffusion_po.eval.stats import bootstrap_mean_ci, paired_win_rate
     from diffusion_po.toy.build import ensure_base
     from diffusion_po.training import checkpoint as ckpt
-    from diffusion_po.training.trainer import train
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -154,29 +172,25 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
         summary = toy_pairs.summarize_pairs(pairs_file)
     else:
         pairs_file = out / "pairs.parquet"
-        summary = toy_pairs.write_pairs(base, pairs_file, run.n_pairs, run.pair_seed, "train", run.label_noise,
-                                        run.min_margin, run.steps, run.scale, run.batch_size)
+        summary = sample_pairs(run, base, pairs_file)
     timings["pairs"] = time.perf_counter() - t0
 
     # 2. Diffusion-DPO through the shared trainer
     t0 = time.perf_counter()
     train_dir = out / "train"
-    if train_dir.exists():
-        shutil.rmtree(train_dir)
-    cfg = trainer_config(run, base_path, pairs_file, train_dir)
-    train(cfg)
+    cfg = train_stage(run, base_path, pairs_file, train_dir)
     timings["train"] = time.perf_counter() - t0
 
     # 3. early stopping on the validation prompts
     t0 = time.perf_counter()
     val_prompts = world.held_out_prompts(run.n_val, run.eval_seed, split="val")
-    val_seeds = _eval_seeds(run.n_val, run.eval_seed + 1)
+    val_seeds = eval_seeds(run.n_val, run.eval_seed + 1)
     _, base_val = evaluate(base, val_prompts, val_seeds, run, "validation: base")
     val_curve = [{"step": 0, "reward": _mean(base_val), "colour_ok": _mean(base_val, "colour_ok"),
                   "shape_ok": _mean(base_val, "shape_ok")}]
     checkpoints = ckpt.list_checkpoints(train_dir)
     for c in checkpoints:
-        unet_dir, lora_dir = _checkpoint_model(c)
+        unet_dir, lora_dir = checkpoint_model(c)
         pipe = toy_pairs.with_unet(base, unet_dir, lora_dir)
         _, res = evaluate(pipe, val_prompts, val_seeds, run, f"validation: step {ckpt.step_of(c)}")
         val_curve.append({"step": ckpt.step_of(c), "reward": _mean(res), "colour_ok": _mean(res, "colour_ok"),
@@ -190,13 +204,13 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     # 4. the test: base vs the chosen model on held-out prompts, same seeds
     t0 = time.perf_counter()
     test_prompts = world.held_out_prompts(run.n_test, run.eval_seed + 2, split="test")
-    test_seeds = _eval_seeds(run.n_test, run.eval_seed + 3)
+    test_seeds = eval_seeds(run.n_test, run.eval_seed + 3)
     base_images, base_res = evaluate(base, test_prompts, test_seeds, run, "test: base")
     if best["step"] == 0:
         tuned = base
     else:
         chosen = train_dir / f"checkpoint-{best['step']}"
-        unet_dir, lora_dir = _checkpoint_model(chosen)
+        unet_dir, lora_dir = checkpoint_model(chosen)
         tuned = toy_pairs.with_unet(base, unet_dir, lora_dir)
         final = out / "tuned"
         if final.exists():
