@@ -8,6 +8,8 @@ win rate with a 95% bootstrap interval on held-out test prompts with fixed seeds
     python scripts/toy_methods.py npo        # negative model; NPO guidance vs plain CFG
     python scripts/toy_methods.py self_npo   # prompts only; the student as NPO's negative model vs plain CFG
     python scripts/toy_methods.py table runs/toy_*   # a markdown table of finished runs
+    python scripts/toy_methods.py scales --scales 1,2,4,8   # plain CFG's validation reward per guidance scale
+    python scripts/toy_methods.py shift runs/toy_self_npo/train/checkpoint-300   # how a negative model moves eps(∅)
 
 Every method trains with `configs/toy_METHOD.yaml` over the main job's defaults (`TOY_DPO_DEFAULTS`).
 `--pairs-file` reuses a pairs parquet of an earlier run (same base, same --pairs), and `--cache-dir` keeps
@@ -99,7 +101,8 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
         return bootstrap_mean_ci(v, n_boot=run.n_boot, seed=run.eval_seed).to_dict()
 
     return {"win_rate": wr.to_dict(), "comparison": label, "base": {"reward": stat(base_r)},
-            "tuned": {"reward": stat(tuned_r)}, "chosen_step": best["step"], "val_curve": curve,
+            "tuned": {"reward": stat(tuned_r)}, "reward_gain": stat([t - b for t, b in zip(tuned_r, base_r)]),
+            "chosen_step": best["step"], "val_curve": curve,
             "n_test_items": len(test_prompts), "n_test_prompts": len(set(test_prompts))}
 
 
@@ -201,7 +204,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"{results['comparison']}: **paired win rate {wr['win_rate']:.3f} [95% CI {wr['lo']:.3f}, {wr['hi']:.3f}]** "
         f"over {wr['n']} held-out test items ({results['n_test_prompts']} captions, fixed seeds); {verdict} 0.5. "
         f"Checkpoint chosen on validation: step {results['chosen_step']}.", "",
-        f"Mean oracle reward: base {results['base']['reward']['value']:.4f}, tuned {results['tuned']['reward']['value']:.4f}.",
+        f"Mean oracle reward: base {results['base']['reward']['value']:.4f}, tuned {results['tuned']['reward']['value']:.4f}; "
+        f"paired gain {results['reward_gain']['value']:+.4f} [95% CI {results['reward_gain']['lo']:+.4f}, "
+        f"{results['reward_gain']['hi']:+.4f}].",
         "", "| step | validation reward |", "|---|---|",
         *[f"| {r['step']} | {r['reward']:.4f} |" for r in results["val_curve"]],
         "", f"Timings (s, {results['threads']} threads): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()), "",
@@ -213,9 +218,21 @@ def _value(x: Any) -> float:
     return float(x["value"]) if isinstance(x, dict) else float(x)
 
 
+def reward_gain(folder: Path, n_boot: int = 2000, seed: int = 1234) -> dict[str, float] | None:
+    """Mean paired reward gain (tuned - base) with its bootstrap interval, from a run's test_scores.jsonl."""
+    from diffusion_po.eval.stats import bootstrap_mean_ci
+
+    f = folder / "test_scores.jsonl"
+    if not f.is_file():
+        return None
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return bootstrap_mean_ci([r["tuned"]["reward"] - r["base"]["reward"] for r in rows], n_boot=n_boot,
+                             seed=seed).to_dict()
+
+
 def table(folders: list[str]) -> str:
-    rows = ["| method | comparison | win rate [95% CI] | reward base → tuned | chosen step | train time (s) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| method | comparison | win rate [95% CI] | reward base → tuned | paired gain [95% CI] | chosen step "
+            "| train time (s) |", "|---|---|---|---|---|---|---|"]
     for folder in folders:
         f = Path(folder) / "results.json"
         if not f.is_file():
@@ -223,18 +240,90 @@ def table(folders: list[str]) -> str:
         r = json.loads(f.read_text())
         method = r.get("method") or r.get("train_config", {}).get("method", Path(folder).name)
         wr = r["win_rate"]
+        gain = r.get("reward_gain") or reward_gain(Path(folder))
+        gain_text = f"{gain['value']:+.4f} [{gain['lo']:+.4f}, {gain['hi']:+.4f}]" if gain else "–"
         rows.append(f"| {method} | {r.get('comparison', 'tuned vs base (CFG)')} | {wr['win_rate']:.3f} "
-                    f"[{wr['lo']:.3f}, {wr['hi']:.3f}] | {_value(r['base']['reward']):.3f} → "
-                    f"{_value(r['tuned']['reward']):.3f} | {r['chosen_step']} | {r['timings_s'].get('train', '')} |")
+                    f"[{wr['lo']:.3f}, {wr['hi']:.3f}] | {_value(r['base']['reward']):.4f} → "
+                    f"{_value(r['tuned']['reward']):.4f} | {gain_text} | {r['chosen_step']} "
+                    f"| {r['timings_s'].get('train', '')} |")
     return "\n".join(rows)
+
+
+def scale_sweep(scales: list[float], model: str | None = None, n_val: int = 152, eval_seed: int = 1234,
+                steps: int | None = None, batch_size: int = 64) -> list[dict[str, float]]:
+    """Plain CFG's mean oracle reward (and its parts) on the validation captions, per guidance scale.
+
+    Same captions and seeds as the methods' validation, so it tells where the toy base's CFG scale sits
+    relative to the reward's optimum (guidance methods are compared at `ToyRunConfig.scale`).
+    """
+    import numpy as np
+
+    from diffusion_po.toy import oracle, world
+    from diffusion_po.toy import pairs as toy_pairs
+    from diffusion_po.toy.build import ensure_base
+    from diffusion_po.toy.experiment import eval_seeds
+
+    base = toy_pairs.load_pipeline(ensure_base(model))
+    prompts = world.held_out_prompts(n_val, eval_seed, split="val")
+    seeds = eval_seeds(n_val, eval_seed + 1)
+    rows = []
+    for scale in scales:
+        images = toy_pairs.sample(base, prompts, seeds, steps or toy_pairs.DEFAULT_STEPS, scale, batch_size)
+        res = oracle.score_many(images, prompts)
+        row = {"scale": scale}
+        row.update({k: float(np.mean([getattr(r, k) for r in res])) for k in ("reward", "colour", "shape", "clean")})
+        rows.append(row)
+    return rows
+
+
+def guidance_shift(negative: str, model: str | None = None, n: int = 64, timesteps=(100, 300, 500, 700, 900),
+                   seed: int = 0) -> list[dict[str, float]]:
+    """How a negative model's unconditional prediction differs from the base's, per timestep.
+
+    d = eps_neg(x, '') - eps_base(x, ''), D = eps_base(x, c) - eps_base(x, ''), on random x and validation
+    captions. `k` = <d, D> / <D, D> is the part of d along CFG's own direction: NPO guidance with scale w
+    equals plain CFG at scale w - k (w - 1) plus (w - 1) times the rest of d, so |k| << 1 means the negative
+    model changes *what* guidance pushes away from, not how hard.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_po.toy import pairs as toy_pairs
+    from diffusion_po.toy import world
+    from diffusion_po.toy.build import ensure_base
+
+    base = toy_pairs.load_pipeline(ensure_base(model))
+    folder = Path(negative)
+    sub = "unet" if (folder / "unet" / "config.json").is_file() else None
+    neg = UNet2DConditionModel.from_pretrained(folder, subfolder=sub).float().eval()
+    net = base.unet.float().eval()
+    prompts = world.held_out_prompts(n, seed, split="val")
+    tok = base.tokenizer([*prompts, ""], padding="max_length", max_length=base.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.no_grad():
+        emb = base.text_encoder(tok.input_ids)[0]
+        cond, empty = emb[:-1], emb[-1:].expand(n, -1, -1)
+        size = net.config.sample_size
+        for t in timesteps:
+            x = torch.randn(n, net.config.in_channels, size, size, generator=gen)
+            tt = torch.full((n,), int(t))
+            uncond = net(x, tt, empty).sample
+            big_d = net(x, tt, cond).sample - uncond
+            d = neg(x, tt, empty).sample - uncond
+            k = float((d * big_d).sum() / (big_d * big_d).sum())
+            cos = float((d * big_d).sum() / (d.norm() * big_d.norm()).clamp(min=1e-12))
+            rows.append({"t": int(t), "k": k, "cos": cos, "norm_d": float(d.norm()), "norm_D": float(big_d.norm())})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     from diffusion_po.toy.experiment import ToyRunConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["dpo", *PAIRED, "dro", "npo", "self_npo", "table"])
-    p.add_argument("folders", nargs="*", help="(table) run folders")
+    p.add_argument("method", choices=["dpo", *PAIRED, "dro", "npo", "self_npo", "table", "scales", "shift"])
+    p.add_argument("folders", nargs="*", help="(table) run folders; (shift) the negative model's folder")
     p.add_argument("--out", default=None)
     p.add_argument("--model", default=None, help="toy base folder (default: shipped or cached)")
     p.add_argument("--config", default=None, help="YAML over the toy defaults (default configs/toy_METHOD.yaml)")
@@ -250,9 +339,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", default=None,
                    help="(self_npo) train from these images (an experts.jsonl) instead of prompts only")
     p.add_argument("--cache-dir", default=None, help="cache the base model's validation/test rewards here")
+    p.add_argument("--scales", default="1,1.5,2,3,4,5,6,8", help="(scales) comma-separated CFG scales")
     args = p.parse_args(argv)
     if args.method == "table":
         print(table(args.folders))
+        return 0
+    if args.method == "scales":
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print("| CFG scale | reward | colour | shape | clean |\n|---|---|---|---|---|")
+        for r in scale_sweep([float(x) for x in args.scales.split(",")], args.model, args.val):
+            print(f"| {r['scale']:g} | {r['reward']:.4f} | {r['colour']:.4f} | {r['shape']:.4f} | {r['clean']:.4f} |")
+        return 0
+    if args.method == "shift":
+        print("| t | k (along CFG's direction) | cos | norm d | norm D |\n|---|---|---|---|---|")
+        for r in guidance_shift(args.folders[0], args.model):
+            print(f"| {r['t']} | {r['k']:.3f} | {r['cos']:.3f} | {r['norm_d']:.2f} | {r['norm_D']:.2f} |")
         return 0
     run = ToyRunConfig(out=args.out or f"runs/toy_{args.method}", model=args.model, config=args.config,
                        overrides=list(args.overrides), n_pairs=args.pairs, n_val=args.val, n_test=args.test,

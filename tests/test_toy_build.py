@@ -115,3 +115,54 @@ def test_toy_dpo_config_matches_the_shipped_yaml(tmp_path):
     cfg = trainer_config(run, tmp_path, tmp_path / "p.parquet", tmp_path / "train")
     assert cfg.learning_rate == 3e-6 and cfg.data.format == "pickapic" and cfg.data.random_flip is False
     assert cfg.data.data_files == [str(tmp_path / "p.parquet")]
+
+
+def _toy_methods_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "toy_methods.py"
+    spec = importlib.util.spec_from_file_location("toy_methods", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reward_gain_is_the_mean_paired_difference(tmp_path):
+    """scripts/toy_methods.py: the paired gain of a run is mean(tuned - base) over its test items."""
+    mod = _toy_methods_script()
+    pairs = [(0.80, 0.82), (0.90, 0.89), (0.70, 0.75), (0.85, 0.85)]
+    lines = [json.dumps({"prompt": f"p{i}", "seed": i, "base": {"reward": b}, "tuned": {"reward": t}})
+             for i, (b, t) in enumerate(pairs)]
+    (tmp_path / "test_scores.jsonl").write_text("\n".join(lines) + "\n")
+    gain = mod.reward_gain(tmp_path, n_boot=200)
+    assert gain["value"] == pytest.approx((0.02 - 0.01 + 0.05 + 0.0) / 4)
+    assert gain["lo"] <= gain["value"] <= gain["hi"]
+    assert mod.reward_gain(tmp_path / "missing") is None
+
+
+def test_scale_sweep_scores_plain_cfg_per_scale(small_base):
+    """scripts/toy_methods.py scales: one row per scale, same captions and seeds, rewards that depend on it."""
+    mod = _toy_methods_script()
+    rows = mod.scale_sweep([1.0, 8.0], model=str(small_base), n_val=4, steps=3)
+    assert [r["scale"] for r in rows] == [1.0, 8.0]
+    for r in rows:
+        assert set(r) == {"scale", "reward", "colour", "shape", "clean"}
+        assert 0.0 <= r["reward"] <= 1.0
+    assert rows[0]["reward"] != rows[1]["reward"]
+
+
+def test_guidance_shift_is_zero_for_the_base_and_measures_a_known_shift(small_base, tmp_path):
+    """scripts/toy_methods.py shift: d = 0 and k = 0 when the negative model is the base; a changed network
+    (a constant offset on every output) gives d != 0 that is not parallel to CFG's direction."""
+    from diffusers import UNet2DConditionModel
+
+    mod = _toy_methods_script()
+    same = mod.guidance_shift(str(small_base), model=str(small_base), n=4, timesteps=(500,))
+    assert same[0]["k"] == 0.0 and same[0]["norm_d"] == 0.0
+    unet = UNet2DConditionModel.from_pretrained(small_base, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.5)  # shifts every prediction by a constant: a change off CFG's direction
+    unet.save_pretrained(tmp_path / "neg")
+    moved = mod.guidance_shift(str(tmp_path / "neg"), model=str(small_base), n=4, timesteps=(500,))
+    assert moved[0]["norm_d"] > 0
+    assert abs(moved[0]["cos"]) < 1.0
