@@ -9,7 +9,7 @@ win rate with a 95% bootstrap interval on held-out test prompts with fixed seeds
     python scripts/toy_methods.py self_npo   # prompts only; the student as NPO's negative model vs plain CFG
     python scripts/toy_methods.py table runs/toy_*   # a markdown table of finished runs
     python scripts/toy_methods.py scales --scales 1,2,4,8   # plain CFG's validation reward per guidance scale
-    python scripts/toy_methods.py shift runs/toy_self_npo/train/checkpoint-300   # how a negative model moves eps(∅)
+    python scripts/toy_methods.py shift runs/toy_self_npo/train/checkpoint-450   # how a negative model moves eps(∅)
 
 Every method trains with `configs/toy_METHOD.yaml` over the main job's defaults (`TOY_DPO_DEFAULTS`).
 `--pairs-file` reuses a pairs parquet of an earlier run (same base, same --pairs), and `--cache-dir` keeps
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['scale']:g} | {r['reward']:.4f} | {r['colour']:.4f} | {r['shape']:.4f} | {r['clean']:.4f} |")
         return 0
     if args.method == "shift":
+        if len(args.folders) != 1:
+            p.error("shift needs one folder: the negative model (a checkpoint, a training output or a unet folder)")
         print("| t | k (along CFG's direction) | cos | norm d | norm D |\n|---|---|---|---|---|")
         for r in guidance_shift(args.folders[0], args.model):
             print(f"| {r['t']} | {r['k']:.3f} | {r['cos']:.3f} | {r['norm_d']:.2f} | {r['norm_D']:.2f} |")
