@@ -24,7 +24,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +62,11 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
     import numpy as np
 
     from diffusion_po.eval.stats import bootstrap_mean_ci, paired_win_rate
-    from diffusion_po.toy import oracle, world
-    from diffusion_po.toy.experiment import eval_seeds
+    from diffusion_po.toy import oracle
+    from diffusion_po.toy.experiment import eval_items
     from diffusion_po.training import checkpoint as ckpt
 
-    val_prompts = world.held_out_prompts(run.n_val, run.eval_seed, split="val")
-    val_seeds = eval_seeds(run.n_val, run.eval_seed + 1)
+    val_prompts, val_seeds = eval_items(run, "val")
     key = {"model": base_id, "steps": run.steps, "scale": run.scale}
     base_val = _cached_base(cache_dir, {**key, "prompts": val_prompts, "seeds": val_seeds},
                             lambda: oracle.score_many(sample_base(val_prompts, val_seeds, "validation: base"), val_prompts))
@@ -78,8 +77,7 @@ def _choose_and_test(run: Any, base: Any, train_dir: Path, out: Path, sample_tun
                                 val_prompts)
         curve.append({"step": ckpt.step_of(c), "reward": float(np.mean([r.reward for r in res]))})
     best = max(curve, key=lambda r: r["reward"])
-    test_prompts = world.held_out_prompts(run.n_test, run.eval_seed + 2, split="test")
-    test_seeds = eval_seeds(run.n_test, run.eval_seed + 3)
+    test_prompts, test_seeds = eval_items(run, "test")
     base_res = _cached_base(cache_dir, {**key, "prompts": test_prompts, "seeds": test_seeds},
                             lambda: oracle.score_many(sample_base(test_prompts, test_seeds, "test: base"), test_prompts))
     if best["step"] == 0:
@@ -258,18 +256,17 @@ def scale_sweep(scales: list[float], model: str | None = None, n_val: int = 152,
     """
     import numpy as np
 
-    from diffusion_po.toy import oracle, world
     from diffusion_po.toy import pairs as toy_pairs
     from diffusion_po.toy.build import ensure_base
-    from diffusion_po.toy.experiment import eval_seeds
+    from diffusion_po.toy.experiment import ToyRunConfig, eval_items, evaluate
 
+    run = ToyRunConfig(model=model, n_val=n_val, eval_seed=eval_seed, steps=steps or toy_pairs.DEFAULT_STEPS,
+                       batch_size=batch_size)
     base = toy_pairs.load_pipeline(ensure_base(model))
-    prompts = world.held_out_prompts(n_val, eval_seed, split="val")
-    seeds = eval_seeds(n_val, eval_seed + 1)
+    prompts, seeds = eval_items(run, "val")
     rows = []
     for scale in scales:
-        images = toy_pairs.sample(base, prompts, seeds, steps or toy_pairs.DEFAULT_STEPS, scale, batch_size)
-        res = oracle.score_many(images, prompts)
+        _, res = evaluate(base, prompts, seeds, replace(run, scale=scale), f"CFG {scale:g}")
         row = {"scale": scale}
         row.update({k: float(np.mean([getattr(r, k) for r in res])) for k in ("reward", "colour", "shape", "clean")})
         rows.append(row)
@@ -286,17 +283,15 @@ def guidance_shift(negative: str, model: str | None = None, n: int = 64, timeste
     model changes *what* guidance pushes away from, not how hard.
     """
     import torch
-    from diffusers import UNet2DConditionModel
 
+    from diffusion_po.sampling.negative import load_negative_network
     from diffusion_po.toy import pairs as toy_pairs
     from diffusion_po.toy import world
     from diffusion_po.toy.build import ensure_base
 
     base = toy_pairs.load_pipeline(ensure_base(model))
-    folder = Path(negative)
-    sub = "unet" if (folder / "unet" / "config.json").is_file() else None
-    neg = UNet2DConditionModel.from_pretrained(folder, subfolder=sub).float().eval()
     net = base.unet.float().eval()
+    neg = load_negative_network(base, negative).network
     prompts = world.held_out_prompts(n, seed, split="val")
     tok = base.tokenizer([*prompts, ""], padding="max_length", max_length=base.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")

@@ -111,6 +111,15 @@ def eval_seeds(n: int, seed: int) -> list[int]:
     return [seed * 1_000_003 + i for i in range(n)]
 
 
+def eval_items(run: ToyRunConfig, split: str) -> tuple[list[str], list[int]]:
+    """The captions and seeds of the validation (`val`) or test (`test`) split of a run, shared by every model
+    compared on it (so images pair up)."""
+    offset = {"val": 0, "test": 2}[split]
+    n = run.n_val if split == "val" else run.n_test
+    prompts = world.held_out_prompts(n, run.eval_seed + offset, split=split)
+    return prompts, eval_seeds(n, run.eval_seed + offset + 1)
+
+
 def sample_pairs(run: ToyRunConfig, base: Any, path: Path):
     """Oracle-labelled pairs from the base model on train prompts, written to `path` (the run's sizes)."""
     return toy_pairs.write_pairs(base, path, run.n_pairs, run.pair_seed, "train", run.label_noise,
@@ -183,8 +192,7 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
 
     # 3. early stopping on the validation prompts
     t0 = time.perf_counter()
-    val_prompts = world.held_out_prompts(run.n_val, run.eval_seed, split="val")
-    val_seeds = eval_seeds(run.n_val, run.eval_seed + 1)
+    val_prompts, val_seeds = eval_items(run, "val")
     _, base_val = evaluate(base, val_prompts, val_seeds, run, "validation: base")
     val_curve = [{"step": 0, "reward": _mean(base_val), "colour_ok": _mean(base_val, "colour_ok"),
                   "shape_ok": _mean(base_val, "shape_ok")}]
@@ -203,8 +211,7 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
 
     # 4. the test: base vs the chosen model on held-out prompts, same seeds
     t0 = time.perf_counter()
-    test_prompts = world.held_out_prompts(run.n_test, run.eval_seed + 2, split="test")
-    test_seeds = eval_seeds(run.n_test, run.eval_seed + 3)
+    test_prompts, test_seeds = eval_items(run, "test")
     base_images, base_res = evaluate(base, test_prompts, test_seeds, run, "test: base")
     if best["step"] == 0:
         tuned = base
