@@ -129,11 +129,18 @@ class TrainConfig:
     compile_dynamic: bool | None = None
     """torch.compile `dynamic`: None lets dynamo make a dimension dynamic once it sees it change (fewer
     recompilations across block sizes), False compiles every shape for itself."""
+    compile_cache_dir: str | None = None
+    """Root of the persistent compile cache (inductor FX-graph and AOT-autograd caches), one folder per
+    network config and compile settings; None = $DIFFUSION_PO_COMPILE_CACHE or ~/.cache/diffusion-po/compile.
+    A TORCHINDUCTOR_CACHE_DIR set in the environment wins."""
     channels_last: bool | None = None
     """channels-last memory format for the UNet's convolutions; None = on with CUDA, off on CPU."""
     frozen_weights_in_weight_dtype: bool = True
     """LoRA: keep the frozen base weights in the mixed-precision dtype (bf16/fp16), as the diffusers
     examples do, instead of fp32 cast on every forward; the LoRA weights stay fp32."""
+    fused_optimizer: bool | None = None
+    """torch's fused AdamW; None = on with CUDA. It also skips a non-finite step on the device (`found_inf`),
+    so the step needs no host read before the update."""
     reference_inference_mode: bool = True
     """Run the reference forward under torch.inference_mode (no autograd bookkeeping at all)."""
     attention_backend: str | None = None

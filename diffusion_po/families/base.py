@@ -60,8 +60,12 @@ class Family:
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
     network_name: ClassVar[str] = "unet"
     lora_layers_argument: ClassVar[str] = "unet_lora_layers"
-    #: blocks that `compile: blocks` compiles one by one (regional compilation)
-    repeated_blocks: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock", "ResnetBlock2D")
+    #: blocks that `compile: blocks` compiles one by one (regional compilation). UNets: the whole down, mid
+    #: and up blocks (9 graphs at SD1.5 size, covering the transformer wrappers' norms and projections, the
+    #: samplers and skip concatenations too), instead of every BasicTransformerBlock/ResnetBlock2D (19
+    #: graphs, a third of the operations); tests/test_compile_graphs.py holds the counts.
+    repeated_blocks: ClassVar[tuple[str, ...]] = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
+                                                  "CrossAttnUpBlock2D", "UpBlock2D")
     #: convolutional network: channels-last memory format helps
     convolutional: ClassVar[bool] = True
     #: conditioning keys that depend on the image (size, crop), not only on the prompt (see `row_conditioning`)

@@ -30,11 +30,18 @@ class StableDiffusion3Family(Family):
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Timesteps of the scheduler's (shifted) training grid; logit-normal density as in SD3 training."""
         if self.weighting == "logit_normal":
-            u = torch.sigmoid(torch.randn(n, generator=generator))
+            u = torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
         else:
-            u = torch.rand(n, generator=generator)
+            u = torch.rand(n, generator=generator, device=generator.device)
         idx = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
-        return self.noise_scheduler.timesteps[idx].float()
+        return self._timestep_grid(u.device)[idx].float()
+
+    def _timestep_grid(self, device: torch.device) -> torch.Tensor:
+        """The scheduler's training timesteps, cached on `device` (no copy per step)."""
+        cached = getattr(self, "_grid_cache", None)
+        if cached is None or cached.device != device:
+            cached = self._grid_cache = self.noise_scheduler.timesteps.to(device)
+        return cached
 
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (t.to(like.device).float() / self.num_train_timesteps).view((-1,) + (1,) * (like.dim() - 1))

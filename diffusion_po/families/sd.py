@@ -27,7 +27,7 @@ class _DDPMFamily(Family):
         return str(self.noise_scheduler.config.prediction_type)
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=generator.device)
 
     def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         abar = self.noise_scheduler.alphas_cumprod.to(like.device)[t.to(like.device).long()].float()

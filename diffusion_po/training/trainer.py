@@ -71,7 +71,8 @@ class Context:
         self.family: Family = trainer.family
         self.config: TrainConfig = trainer.cfg
         self.device: torch.device = trainer.accelerator.device
-        self.generator = torch.Generator().manual_seed(trainer.cfg.seed)
+        # on the training device: the draws need no host-to-device copy (and no synchronisation)
+        self.generator = torch.Generator(device=self.device).manual_seed(trainer.cfg.seed)
 
     # --- random draws: global, sliced per process
     def _slice(self, full: torch.Tensor, n: int) -> torch.Tensor:
@@ -84,11 +85,11 @@ class Context:
         return per * self._t.accelerator.num_processes
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        full = torch.randn((self._global_n(shape[0]), *shape[1:]), generator=self.generator)
-        return self._slice(full, shape[0]).to(self.device)
+        full = torch.randn((self._global_n(shape[0]), *shape[1:]), generator=self.generator, device=self.device)
+        return self._slice(full, shape[0])
 
     def rand(self, n: int) -> torch.Tensor:
-        return self._slice(torch.rand(self._global_n(n), generator=self.generator), n).to(self.device)
+        return self._slice(torch.rand(self._global_n(n), generator=self.generator, device=self.device), n)
 
     def timesteps(self, n: int) -> torch.Tensor:
         full = self.family.sample_timesteps(self._global_n(n), self.generator)
@@ -268,7 +269,10 @@ class Trainer:
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
         self.state = TrainState()
-        self._window_bad = False
+        self._window_finite: torch.Tensor | None = None  # the open accumulation window, on the device
+        self._window_metrics: list[dict[str, Any]] = []
+        self.compile_error: str | None = None
+        self._compile_fallback_pending = cfg.compile == "auto" and self.compiled != "none"
         self.accelerator.register_for_checkpointing(self.state)
         self.context = Context(self)
         self.config_source = config_source
@@ -298,8 +302,17 @@ class Trainer:
             except ImportError as exc:
                 raise UserError("use_8bit_adam needs bitsandbytes: pip install 'diffusion-po[bnb]'") from exc
             return bnb.optim.AdamW8bit(params, **kwargs)
-        fused = torch.cuda.is_available() and self.accelerator.device.type == "cuda"
+        fused = cfg.fused_optimizer
+        if fused is None:
+            fused = self.accelerator.device.type == "cuda"
         return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+    @property
+    def skips_on_device(self) -> bool:
+        """A non-finite window is skipped by the fused optimizer itself (`found_inf`, as GradScaler does), so
+        the step needs no host read before it; fp16 leaves `found_inf` to accelerate's GradScaler."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return bool(getattr(inner, "defaults", {}).get("fused")) and self.cfg.mixed_precision != "fp16"
 
     @contextlib.contextmanager
     def reference_network(self):
@@ -367,8 +380,6 @@ class Trainer:
         bar = tqdm(total=cfg.max_train_steps, initial=self.state.step, desc="train",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         metrics_file = self.output_dir / "metrics.jsonl"
-        self._window_bad = False
-        window_metrics: list[dict[str, float]] = []
         good_rows_seen = 0
         started = time.perf_counter()
         loader = data.loader
@@ -384,17 +395,14 @@ class Trainer:
                 if self.state.micro_step >= 50 and good_rows_seen == 0:
                     raise DataError(f"{data.source}: the first {self.state.micro_step} batches had no usable rows")
                 continue
-            finite, metrics = self.train_step(batch)
-            if finite:
-                window_metrics.append(metrics)
-            if not acc.sync_gradients:
+            window = self.train_step(batch)
+            if window is None:
                 continue
             # ---- an optimizer step (or a skipped one) has completed
-            if self._window_bad:
+            finite, logs = window
+            if not finite:
                 self.state.nonfinite_in_row += 1
                 self.state.nonfinite_total += 1
-                self._window_bad = False
-                window_metrics = []
                 acc.print(f"step {self.state.step + 1}: non-finite loss, step skipped "
                           f"({self.state.nonfinite_in_row} in a row)")
                 if self.state.nonfinite_in_row >= cfg.max_nonfinite_steps:
@@ -408,8 +416,6 @@ class Trainer:
             if self.ema is not None:
                 self.ema.step([p for p in self.unwrapped.parameters() if p.requires_grad])
             self.method.on_optimizer_step(self.context, self.state.step)
-            logs = self._global_average(_average(window_metrics))
-            window_metrics = []
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
             logs["step"] = self.state.step
             logs["bad_rows"] = self.state.bad_rows
@@ -447,39 +453,85 @@ class Trainer:
         return build_train_data(cfg.data, cfg.resolution, cfg.train_batch_size, acc.process_index,
                                 acc.num_processes, cfg.seed, self.state.micro_step, cfg.dataloader_num_workers)
 
-    def train_step(self, batch: dict[str, Any]) -> tuple[bool, dict[str, float]]:
-        """One micro-step: loss, backward and, at the end of an accumulation window, clipping and the
-        optimizer step (or, after a non-finite loss anywhere in the window, no step and cleared gradients).
-        Returns (the loss was finite on every process, the method's metrics as floats)."""
+    def train_step(self, batch: dict[str, Any]) -> tuple[bool, dict[str, float]] | None:
+        """One micro-step: loss and backward; at the end of an accumulation window also clipping and the
+        optimizer step (or, after a non-finite loss anywhere in the window on any process, no step and
+        cleared gradients). Returns None inside a window; at its end (finite, the window's metrics averaged
+        over micro-steps and processes), read from the device in one transfer: the only host
+        synchronisation of the step. With the fused optimizer (CUDA) that read comes after the step is
+        queued (the optimizer skips a non-finite window on the device); otherwise it comes before it."""
         acc, cfg = self.accelerator, self.cfg
         with acc.accumulate(self.network):
             try:
-                loss, metrics = self.method.compute_loss(self.context, batch)
-                acc.backward(loss)  # queued before the one host sync below; a non-finite window is dropped
-                finite = torch.isfinite(loss.detach()).float().reshape(1)
-                finite = acc.gather(finite.to(acc.device)).min().item() > 0
-                if not finite:
-                    self._window_bad = True
-                if acc.sync_gradients and not self._window_bad and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
-                if acc.sync_gradients and self._window_bad:
-                    self.optimizer.zero_grad(set_to_none=True)
-                else:
+                loss, metrics = self._loss_and_backward(batch)
+                finite = torch.isfinite(loss.detach()).reshape(1)
+                self._window_finite = finite if self._window_finite is None else self._window_finite & finite
+                self._window_metrics.append(metrics)
+                if not acc.sync_gradients:
+                    return None
+                keys, values = _window_mean(self._window_metrics, acc.device)
+                ok = self._window_finite.float().to(acc.device)
+                self._window_finite, self._window_metrics = None, []
+                if acc.num_processes > 1:
+                    ok = acc.gather(ok).min().reshape(1)
+                    values = acc.reduce(values, reduction="mean")
+                if self.skips_on_device:
+                    if cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
+                    getattr(self.optimizer, "optimizer", self.optimizer).found_inf = (1.0 - ok).reshape(())
                     self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    host = torch.cat([ok, values]).tolist()
+                    if host[0] > 0:
+                        self.lr_scheduler.step()
+                else:
+                    host = torch.cat([ok, values]).tolist()
+                    if host[0] > 0:
+                        if cfg.max_grad_norm > 0:
+                            acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             except torch.OutOfMemoryError as exc:
                 raise TrainingError(OOM_ADVICE) from exc
-        return finite, _metric_floats(metrics) if finite else {}
+        finite = host[0] > 0
+        return finite, (dict(zip(keys, host[1:])) if finite else {})
 
-    def _global_average(self, logs: dict[str, float]) -> dict[str, float]:
-        """Average the step's metrics over processes, so the log describes the global batch."""
-        if self.accelerator.num_processes == 1 or not logs:
-            return logs
-        keys = sorted(logs)
-        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        values = self.accelerator.reduce(values, reduction="mean")
-        return dict(zip(keys, values.tolist()))
+    def _loss_and_backward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The method's loss and its backward. Under `compile: auto`, a compilation error in the first step
+        (dynamo or inductor) is reported and the step is redone eagerly with the same random draws."""
+        if not self._compile_fallback_pending:
+            loss, metrics = self.method.compute_loss(self.context, batch)
+            self.accelerator.backward(loss)
+            return loss, metrics
+        from diffusion_po.families.compiling import is_compile_error, uncompile
+
+        state = self.context.generator.get_state()
+        try:
+            loss, metrics = self.method.compute_loss(self.context, batch)
+            self.accelerator.backward(loss)
+        except Exception as exc:
+            if not is_compile_error(exc):
+                raise
+            inner = getattr(exc, "inner_exception", None) or exc.__cause__
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:2]
+            if inner is not None:
+                lines.append(f"{type(inner).__name__}: {inner}")
+            message = " ".join(lines)[:300] or type(exc).__name__
+            uncompile(self.unwrapped)
+            if self.reference is not None:
+                uncompile(self.reference)
+            self.compiled = f"failed ({type(exc).__name__}: {message}); running eager"
+            self.compile_error = f"{type(exc).__name__}: {message}"
+            logger.warning("torch.compile failed, training eagerly instead (set compile: none to skip it, or "
+                           "compile: blocks to make it an error): %s", self.compile_error)
+            self.accelerator.print(f"WARNING: torch.compile failed ({self.compile_error}); running eager")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.context.generator.set_state(state)
+            loss, metrics = self.method.compute_loss(self.context, batch)
+            self.accelerator.backward(loss)
+        finally:
+            self._compile_fallback_pending = False
+        return loss, metrics
 
     def _note_bad_rows(self, batch: dict[str, Any]) -> None:
         bad = batch.get("bad_rows") or []
@@ -534,6 +586,20 @@ class Trainer:
                 self.family.pipe.save_pretrained(self.output_dir)
 
 
+def _window_mean(rows: list[dict[str, Any]], device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """The keys every micro-step's metrics share, and their means over the window as one fp64 device tensor
+    (no host read: python numbers become device tensors)."""
+    keys = [k for k in rows[0] if all(k in r for r in rows)]
+    if not keys:
+        return [], torch.zeros(0, dtype=torch.float64, device=device)
+
+    def column(key: str) -> torch.Tensor:
+        values = [r[key] if torch.is_tensor(r[key]) else torch.tensor(float(r[key])) for r in rows]
+        return torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in values])
+
+    return keys, torch.stack([column(k).mean() for k in keys])
+
+
 def _metric_floats(metrics: dict[str, Any]) -> dict[str, float]:
     """Metrics as floats with one device-to-host copy for all tensor values (not one sync per metric)."""
     out: dict[str, float] = {}
@@ -566,14 +632,17 @@ def speed_up(network: torch.nn.Module, cfg: TrainConfig, family: Family, device:
             raise UserError(f"attention_backend '{cfg.attention_backend}' is not usable here ({exc}); "
                             "leave attention_backend unset to use PyTorch's SDPA") from exc
     mode = cfg.compile
-    if mode == "auto":
+    if mode == "auto":  # a compilation error under `auto` falls back to eager, loudly (Trainer.train_step)
         mode = "blocks" if device.type == "cuda" else "none"
-        import torch._dynamo as dynamo
-
-        dynamo.config.suppress_errors = True  # a default must never stop a run: fall back to eager
     if mode == "none":
         return "none"
     raise_compile_limits()  # every distinct block shape (and grad mode, dtype) is one entry
+    if cfg.compile_backend == "inductor":
+        from diffusion_po.families.compiling import use_compile_cache
+
+        use_compile_cache(network, {"mode": mode, "blocks": list(cfg.compile_blocks), "compile_mode": cfg.compile_mode,
+                                    "dynamic": cfg.compile_dynamic, "mixed_precision": cfg.mixed_precision,
+                                    "lora": cfg.use_lora, "channels_last": channels_last}, cfg.compile_cache_dir)
     kwargs: dict[str, Any] = {"backend": cfg.compile_backend, "dynamic": cfg.compile_dynamic}
     if cfg.compile_mode:
         kwargs["mode"] = cfg.compile_mode
@@ -628,13 +697,6 @@ class DevicePrefetcher:
         current.wait_stream(stream)
         self._record(batch, current)
         return batch
-
-
-def _average(rows: list[dict[str, float]]) -> dict[str, float]:
-    if not rows:
-        return {}
-    keys = rows[0].keys()
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys if all(k in r for r in rows)}
 
 
 def _flat_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
