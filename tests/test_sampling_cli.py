@@ -123,6 +123,16 @@ def test_cli_errors_are_one_line(tiny_model_factory, tmp_path, capsys, extra, me
     assert message in err and "Traceback" not in err
 
 
+def test_cli_samples_a_shipped_prompt_set(tiny_model_factory, tmp_path):
+    """`--prompt-set parti --limit 2`: the first two PartiPrompts (prompt rows built by eval.prompts)."""
+    from diffusion_po.eval.prompts import load_parti
+
+    out = tmp_path / "parti"
+    assert main(["sample", "--model", tiny_model_factory("sd"), "--prompt-set", "parti", "--limit", "2",
+                 "--steps", "1", "-o", str(out), "--no-progress"]) == 0
+    assert [r["prompt"] for r in _rows(out)] == load_parti().prompts[:2]
+
+
 def test_parse_weighted():
     assert parse_weighted("red:1.5") == ("red", 1.5)
     assert parse_weighted("red") == ("red", 1.0)
