@@ -1,6 +1,7 @@
-"""`diffusion-po toy`: the embedded toy world (build the base model, make pairs, run the main job, evaluate).
+"""`diffusion-po toy`: the embedded toy world (build the base model, make pairs, run the main job and the
+experiments of docs/methods.md and docs/sampling.md, evaluate).
 
-    diffusion-po toy run   [--out runs/toy_dpo] [--pairs 1000] [--config configs/toy_dpo.yaml] [--set key=value]
+    diffusion-po toy run   [--out runs/toy_dpo] [--pairs 1000] [--config FILE_OR_NAME] [--set key=value]
     diffusion-po toy build [--out DIR] [--seed 0] [--steps 3000] [--vae-steps 1200] [--images 40000]
     diffusion-po toy pairs --out pairs.parquet [--n 1000] [--seed 0] [--label-noise 0.1] [--model DIR]
     diffusion-po toy eval  [--model DIR] [--unet DIR | --lora DIR] [--n 263] [--out scores.jsonl]
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("run", aliases=["dpo"], help="main job: pairs -> Diffusion-DPO -> evaluation report")
     p.add_argument("--out", default="runs/toy_dpo", help="run folder (default: runs/toy_dpo)")
     p.add_argument("--model", default=None, help="base pipeline folder (default: the shipped toy base)")
-    p.add_argument("--config", default=None, help="YAML of trainer keys over the toy defaults (configs/toy_dpo.yaml)")
+    p.add_argument("--config", default=None, help="YAML of trainer keys (a file, or a shipped name such as "
+                   "toy_kto) over the shipped configs/toy_dpo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a trainer key, e.g. --set learning_rate=1e-6 (repeatable)")
     p.add_argument("--pairs", type=int, default=1000, help="number of preference pairs (train prompts)")
@@ -228,6 +230,7 @@ def run_pairs(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from diffusion_po.toy import oracle, world
+    from diffusion_po.toy.experiment import eval_seeds
     from diffusion_po.toy.pairs import sample
 
     _check_positive(n=args.n, sample_steps=args.sample_steps)
@@ -236,7 +239,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     pipe = _pipe(args.model, args.unet, args.lora)
     prompts = world.held_out_prompts(args.n, args.seed, split=args.split)
-    seeds = [args.seed * 1_000_003 + i for i in range(args.n)]
+    seeds = eval_seeds(args.n, args.seed)
     images = sample(pipe, prompts, seeds, args.sample_steps, args.guidance, progress=True)
     results = oracle.score_many(images, prompts)
     summary = oracle.summarize(results)
