@@ -77,7 +77,8 @@ def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: 
     from diffusion_po.shipped import config_path
 
     defaults = config_path(DEFAULTS_CONFIG)
-    data: dict[str, Any] = load_yaml(defaults)
+    shipped = load_yaml(defaults)
+    data: dict[str, Any] = json.loads(json.dumps(shipped))  # a deep copy: `shipped` stays the defaults
     data.setdefault("data", {})
     source = str(defaults)
     if run.config:
