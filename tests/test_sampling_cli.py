@@ -123,28 +123,21 @@ def test_cli_errors_are_one_line(tiny_model_factory, tmp_path, capsys, extra, me
     assert message in err and "Traceback" not in err
 
 
+def test_cli_samples_a_shipped_prompt_set(tiny_model_factory, tmp_path):
+    """`--prompt-set parti --limit 2`: the first two PartiPrompts (prompt rows built by eval.prompts)."""
+    from diffusion_po.eval.prompts import load_parti
+
+    out = tmp_path / "parti"
+    assert main(["sample", "--model", tiny_model_factory("sd"), "--prompt-set", "parti", "--limit", "2",
+                 "--steps", "1", "-o", str(out), "--no-progress"]) == 0
+    assert [r["prompt"] for r in _rows(out)] == load_parti().prompts[:2]
+
+
 def test_parse_weighted():
     assert parse_weighted("red:1.5") == ("red", 1.5)
     assert parse_weighted("red") == ("red", 1.0)
     assert parse_weighted("style: watercolor") == ("style: watercolor", 1.0)
     assert parse_weighted("a:b:0.5") == ("a:b", 0.5)
-
-
-def test_toy_experiment_scripts_run_end_to_end(tiny_model_factory, tmp_path):
-    """The toy experiments run on any 32x32 pipeline folder (here the tiny SD model instead of the toy base)."""
-    from diffusion_po.sampling import experiments
-    from diffusion_po.toy import world
-
-    items = experiments.overlap_items(6)
-    for caption, colour, which in items:
-        spec = world.parse_caption(caption)
-        assert spec.colours()[which] == colour and len(set(spec.colours())) == 2
-    perfect = experiments.score_overlap(world.render(world.scene_for_caption(items[0][0], 0)), *items[0])
-    assert perfect["keep"] == 1.0 and perfect["removed"] == 0.0  # a perfect render keeps all, removes nothing
-    res = experiments.run_perp_neg(tmp_path / "pn", base=tiny_model_factory("sd"), n=4, steps=2, batch_size=4)
-    assert set(res["summary"]) == {"cfg", "negative-prompt", "perp-neg", "perp-neg-w1.5", "composable"}
-    assert (tmp_path / "pn" / "results.json").is_file() and (tmp_path / "pn" / "grid_perp-neg.png").is_file()
-    assert res["paired"]["perp-neg vs negative-prompt (keep_score)"]["n"] == 4
 
 
 @pytest.mark.slow  # inductor compiles the blocks on the CPU (about a minute)

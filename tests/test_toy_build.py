@@ -98,38 +98,65 @@ def test_label_noise_flips_about_the_asked_fraction(small_base, tmp_path):
     assert s.oracle_agreement == pytest.approx(1 - s.flipped / decided)
 
 
-def test_toy_dpo_config_matches_the_shipped_yaml(tmp_path):
+def test_toy_trainer_config_comes_from_the_shipped_yaml(tmp_path):
+    """configs/toy_dpo.yaml is the one source of the toy defaults; a method's config goes over it (its data
+    section key by key), then --set overrides."""
     import yaml
 
-    from diffusion_po.toy.experiment import TOY_DPO_DEFAULTS, ToyRunConfig, trainer_config
+    from diffusion_po.shipped import config_path
+    from diffusion_po.toy.experiment import ToyRunConfig, trainer_config
 
-    shipped = Path(__file__).resolve().parents[1] / "configs" / "toy_dpo.yaml"
-    data = yaml.safe_load(shipped.read_text())
-    for key, value in TOY_DPO_DEFAULTS.items():
+    shipped = yaml.safe_load(config_path("toy_dpo").read_text())
+    cfg = trainer_config(ToyRunConfig(), tmp_path, tmp_path / "p.parquet", tmp_path / "train")
+    for key, value in shipped.items():
         if key == "data":
             for k, v in value.items():
-                assert data["data"][k] == v, k
+                assert getattr(cfg.data, k) == v, k
         else:
-            assert data[key] == value, key
-    run = ToyRunConfig(config=str(shipped), overrides=["learning_rate=3e-6"])
+            assert getattr(cfg, key) == value, key
+    assert cfg.data.data_files == [str(tmp_path / "p.parquet")]
+    assert cfg.pretrained_model_name_or_path == str(tmp_path) and cfg.output_dir == str(tmp_path / "train")
+
+    run = ToyRunConfig(config=str(config_path("toy_dpo")), overrides=["learning_rate=3e-6"])
     cfg = trainer_config(run, tmp_path, tmp_path / "p.parquet", tmp_path / "train")
     assert cfg.learning_rate == 3e-6 and cfg.data.format == "pickapic" and cfg.data.random_flip is False
-    assert cfg.data.data_files == [str(tmp_path / "p.parquet")]
+
+    # a method's config by name: its keys over toy_dpo's, the rest of the data section kept
+    dcpo = trainer_config(ToyRunConfig(config="toy_dcpo"), tmp_path, tmp_path / "p.parquet", tmp_path / "t")
+    assert dcpo.method == "dcpo" and dcpo.data.format == "dcpo"
+    assert dcpo.data.random_flip is shipped["data"]["random_flip"] and dcpo.max_train_steps == shipped["max_train_steps"]
 
 
-def _toy_methods_script():
-    import importlib.util
+def test_toy_defaults_follow_the_shipped_config_file(tmp_path, monkeypatch):
+    """Editing the shipped toy_dpo.yaml changes the toy runs: no second copy of the defaults in the code."""
+    import yaml
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "toy_methods.py"
-    spec = importlib.util.spec_from_file_location("toy_methods", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from diffusion_po import shipped
+    from diffusion_po.toy import experiment
+
+    assert not hasattr(experiment, "TOY_DPO_DEFAULTS")
+    data = yaml.safe_load(shipped.config_path("toy_dpo").read_text())
+    data["max_train_steps"] = data["max_train_steps"] + 7
+    data["data"]["center_crop"] = not data["data"]["center_crop"]
+    (tmp_path / "toy_dpo.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(shipped, "CONFIGS_DIR", tmp_path)
+    cfg = experiment.trainer_config(experiment.ToyRunConfig(), tmp_path, tmp_path / "p.parquet", tmp_path / "t")
+    assert cfg.max_train_steps == data["max_train_steps"] and cfg.data.center_crop is data["data"]["center_crop"]
+
+
+def test_method_configs_are_the_shipped_ones():
+    from diffusion_po.shipped import config_path
+    from diffusion_po.toy.methods import METHODS, method_config
+
+    assert method_config("kto") == str(config_path("toy_kto"))
+    assert method_config("robust_dpo") is None  # dpo's config with label_smoothing set
+    assert {"dpo", "dcpo", "mapo", "kto", "dro", "npo", "self_npo"} <= set(METHODS)
 
 
 def test_reward_gain_is_the_mean_paired_difference(tmp_path):
-    """scripts/toy_methods.py: the paired gain of a run is mean(tuned - base) over its test items."""
-    mod = _toy_methods_script()
+    """toy methods: the paired gain of a run is mean(tuned - base) over its test items."""
+    from diffusion_po.toy import methods as mod
+
     pairs = [(0.80, 0.82), (0.90, 0.89), (0.70, 0.75), (0.85, 0.85)]
     lines = [json.dumps({"prompt": f"p{i}", "seed": i, "base": {"reward": b}, "tuned": {"reward": t}})
              for i, (b, t) in enumerate(pairs)]
@@ -141,8 +168,9 @@ def test_reward_gain_is_the_mean_paired_difference(tmp_path):
 
 
 def test_scale_sweep_scores_plain_cfg_per_scale(small_base):
-    """scripts/toy_methods.py scales: one row per scale, same captions and seeds, rewards that depend on it."""
-    mod = _toy_methods_script()
+    """toy scales: one row per scale, same captions and seeds, rewards that depend on it."""
+    from diffusion_po.toy import methods as mod
+
     rows = mod.scale_sweep([1.0, 8.0], model=str(small_base), n_val=4, steps=3)
     assert [r["scale"] for r in rows] == [1.0, 8.0]
     for r in rows:
@@ -152,11 +180,12 @@ def test_scale_sweep_scores_plain_cfg_per_scale(small_base):
 
 
 def test_guidance_shift_is_zero_for_the_base_and_measures_a_known_shift(small_base, tmp_path):
-    """scripts/toy_methods.py shift: d = 0 and k = 0 when the negative model is the base; a changed network
+    """toy shift: d = 0 and k = 0 when the negative model is the base; a changed network
     (a constant offset on every output) gives d != 0 that is not parallel to CFG's direction."""
     from diffusers import UNet2DConditionModel
 
-    mod = _toy_methods_script()
+    from diffusion_po.toy import methods as mod
+
     same = mod.guidance_shift(str(small_base), model=str(small_base), n=4, timesteps=(500,))
     assert same[0]["k"] == 0.0 and same[0]["norm_d"] == 0.0
     unet = UNet2DConditionModel.from_pretrained(small_base, subfolder="unet")
@@ -166,3 +195,92 @@ def test_guidance_shift_is_zero_for_the_base_and_measures_a_known_shift(small_ba
     moved = mod.guidance_shift(str(tmp_path / "neg"), model=str(small_base), n=4, timesteps=(500,))
     assert moved[0]["norm_d"] > 0
     assert abs(moved[0]["cos"]) < 1.0
+
+
+def test_perp_neg_experiment_runs_end_to_end(tiny_model_factory, tmp_path):
+    """The Perp-Neg experiment runs on any 32x32 pipeline folder (here the tiny SD model instead of the toy base)."""
+    from diffusion_po.toy import perp_neg
+
+    items = perp_neg.overlap_items(6)
+    for caption, colour, which in items:
+        spec = world.parse_caption(caption)
+        assert spec.colours()[which] == colour and len(set(spec.colours())) == 2
+    perfect = perp_neg.score_overlap(world.render(world.scene_for_caption(items[0][0], 0)), *items[0])
+    assert perfect["keep"] == 1.0 and perfect["removed"] == 0.0  # a perfect render keeps all, removes nothing
+    res = perp_neg.run_perp_neg(tmp_path / "pn", model=tiny_model_factory("sd"), n=4, steps=2, batch_size=4)
+    assert set(res["summary"]) == {"cfg", "negative-prompt", "perp-neg", "perp-neg-w1.5", "composable"}
+    assert (tmp_path / "pn" / "results.json").is_file() and (tmp_path / "pn" / "grid_perp-neg.png").is_file()
+    assert res["paired"]["perp-neg vs negative-prompt (keep_score)"]["n"] == 4
+
+
+# --------------------------------------------------------------------------- the `diffusion-po toy` verbs
+METHOD_FLAGS = ("--out", "--model", "--config", "--set", "--pairs", "--val", "--test", "--threads",
+                "--keep-checkpoints", "--pairs-file", "--experts", "--images", "--cache-dir")
+
+
+@pytest.mark.parametrize(("verb", "flags"), [
+    ("method", METHOD_FLAGS), ("table", ("RUN",)), ("scales", ("--scales", "--model", "--val", "--threads")),
+    ("shift", ("CHECKPOINT", "--model")),
+    ("perp-neg", ("--out", "--model", "--n", "--seed", "--sample-steps", "--guidance")),
+])
+def test_toy_experiment_verbs_have_help(verb, flags, capsys):
+    from diffusion_po.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", verb, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in flags), text
+    if verb == "method":
+        from diffusion_po.toy.methods import METHODS
+
+        assert all(name in text for name in METHODS)
+
+
+def test_toy_verbs_reject_bad_input_in_one_line(tmp_path, capsys):
+    from diffusion_po.cli import main
+
+    assert main(["toy", "method", "kto", "--pairs-file", str(tmp_path / "none.parquet")]) == 2
+    assert main(["toy", "scales", "--scales", "1,x"]) == 2
+    assert main(["toy", "shift", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "--pairs-file" in err and "--scales" in err and "missing does not exist" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["toy", "method", "ipo"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_toy_table_lists_finished_runs(tmp_path, capsys):
+    from diffusion_po.cli import main
+
+    ci = {"value": 0.87, "lo": 0.86, "hi": 0.88}
+    run = {"method": "kto", "comparison": "tuned vs base (CFG)", "chosen_step": 50, "timings_s": {"train": 12.0},
+           "win_rate": {"win_rate": 0.6, "lo": 0.55, "hi": 0.65}, "base": {"reward": ci}, "tuned": {"reward": ci},
+           "reward_gain": {"value": 0.01, "lo": 0.0, "hi": 0.02}}
+    (tmp_path / "kto").mkdir()
+    (tmp_path / "kto" / "results.json").write_text(json.dumps(run))
+    assert main(["toy", "table", str(tmp_path / "kto"), str(tmp_path / "unfinished")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| kto | tuned vs base (CFG) | 0.600 [0.550, 0.650]")
+
+
+def test_toy_scales_and_shift_verbs_run(small_base, capsys):
+    from diffusion_po.cli import main
+
+    assert main(["toy", "scales", "--model", str(small_base), "--val", "2", "--scales", "1,8"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "8"]
+    assert main(["toy", "shift", str(small_base), "--model", str(small_base)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 5 and all(r.split("|")[2].strip() == "0.000" for r in rows)  # the base itself: k = 0
+
+
+def test_toy_perp_neg_verb_runs(tiny_model_factory, tmp_path, capsys):
+    from diffusion_po.cli import main
+
+    out = tmp_path / "pn"
+    assert main(["toy", "perp-neg", "--model", tiny_model_factory("sd"), "--n", "2", "--sample-steps", "1",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 2 and res["steps"] == 1 and json.loads(capsys.readouterr().out) == res

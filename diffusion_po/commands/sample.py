@@ -100,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _collect_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from diffusion_po.sampling.io import parse_weighted, read_prompt_file, shipped_prompt_set
+    from diffusion_po.eval.prompts import prompt_rows
+    from diffusion_po.sampling.io import parse_weighted, read_prompt_file
 
     sources = sum(bool(x) for x in (args.prompt, args.prompts, args.prompt_set))
     if sources == 0:
@@ -112,7 +113,7 @@ def _collect_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     elif args.prompts:
         rows = read_prompt_file(args.prompts)
     else:
-        rows = shipped_prompt_set(args.prompt_set)
+        rows = prompt_rows(args.prompt_set)  # raises DataError with the list of known sets
     if args.limit:
         rows = rows[: args.limit]
     negs = [parse_weighted(t) for t in args.negative_prompt]

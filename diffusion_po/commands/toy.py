@@ -1,9 +1,15 @@
-"""`diffusion-po toy`: the embedded toy world (build the base model, make pairs, run the main job, evaluate).
+"""`diffusion-po toy`: the embedded toy world (build the base model, make pairs, run the main job and the
+experiments of docs/methods.md and docs/sampling.md, evaluate).
 
-    diffusion-po toy run   [--out runs/toy_dpo] [--pairs 1000] [--config configs/toy_dpo.yaml] [--set key=value]
+    diffusion-po toy run   [--out runs/toy_dpo] [--pairs 1000] [--config FILE_OR_NAME] [--set key=value]
     diffusion-po toy build [--out DIR] [--seed 0] [--steps 3000] [--vae-steps 1200] [--images 40000]
     diffusion-po toy pairs --out pairs.parquet [--n 1000] [--seed 0] [--label-noise 0.1] [--model DIR]
     diffusion-po toy eval  [--model DIR] [--unet DIR | --lora DIR] [--n 263] [--out scores.jsonl]
+    diffusion-po toy method NAME [--out runs/toy_NAME] [--pairs 1000] [--pairs-file F] [--cache-dir D]
+    diffusion-po toy table RUN [RUN ...]
+    diffusion-po toy scales [--scales 1,2,4,8] [--val 152]
+    diffusion-po toy shift CHECKPOINT
+    diffusion-po toy perp-neg [--out runs/toy_perp_neg] [--n 240]
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("run", aliases=["dpo"], help="main job: pairs -> Diffusion-DPO -> evaluation report")
     p.add_argument("--out", default="runs/toy_dpo", help="run folder (default: runs/toy_dpo)")
     p.add_argument("--model", default=None, help="base pipeline folder (default: the shipped toy base)")
-    p.add_argument("--config", default=None, help="YAML of trainer keys over the toy defaults (configs/toy_dpo.yaml)")
+    p.add_argument("--config", default=None, help="YAML of trainer keys (a file, or a shipped name such as "
+                   "toy_kto) over the shipped configs/toy_dpo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a trainer key, e.g. --set learning_rate=1e-6 (repeatable)")
     p.add_argument("--pairs", type=int, default=1000, help="number of preference pairs (train prompts)")
@@ -79,7 +86,63 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", default=None, help="write a PNG grid of the first 32 samples")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run_eval)
+    _register_experiments(verbs)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
+
+
+def _register_experiments(verbs: argparse._SubParsersAction) -> None:
+    """The experiments of docs/methods.md and docs/sampling.md (diffusion_po.toy.methods, .perp_neg)."""
+    from diffusion_po.toy.methods import METHODS
+
+    p = verbs.add_parser("method", help="one method with the main job's protocol: data -> training -> validation "
+                         "-> paired test against the base", description="Train and evaluate one method in the toy "
+                         "world (docs/methods.md); writes results.json and report.md into --out.")
+    p.add_argument("name", choices=METHODS, metavar="NAME", help=f"the method: {', '.join(METHODS)}")
+    p.add_argument("--out", default=None, help="run folder (default: runs/toy_NAME)")
+    p.add_argument("--model", default=None, help="toy base folder (default: shipped or cached)")
+    p.add_argument("--config", default=None, help="YAML over configs/toy_dpo.yaml (default: the shipped "
+                   "configs/toy_NAME.yaml where there is one)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a trainer key (repeatable)")
+    p.add_argument("--pairs", type=int, default=1000, help="number of preference pairs (train prompts)")
+    p.add_argument("--val", type=int, default=152, help="validation items for early stopping")
+    p.add_argument("--test", type=int, default=263, help="held-out test items")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--pairs-file", default=None, help="reuse this pairs parquet instead of sampling new pairs")
+    p.add_argument("--experts", type=int, default=None,
+                   help="(dro) how many top images of the pair samples are the experts (default pairs / 4)")
+    p.add_argument("--images", default=None,
+                   help="(self_npo) train from these images (an experts.jsonl) instead of prompts only")
+    p.add_argument("--cache-dir", default=None, help="cache the base model's validation/test rewards here")
+    p.set_defaults(func=run_method)
+
+    p = verbs.add_parser("table", help="a markdown table of finished toy runs")
+    p.add_argument("folders", nargs="+", metavar="RUN", help="run folders (with results.json)")
+    p.set_defaults(func=run_table)
+
+    p = verbs.add_parser("scales", help="plain CFG's validation reward per guidance scale")
+    p.add_argument("--scales", default="1,1.5,2,3,4,5,6,8", help="comma-separated CFG scales")
+    p.add_argument("--model", default=None, help="toy base folder (default: shipped or cached)")
+    p.add_argument("--val", type=int, default=152, help="validation items")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=run_scales)
+
+    p = verbs.add_parser("shift", help="how a negative model moves the unconditional prediction, per timestep")
+    p.add_argument("negative", metavar="CHECKPOINT",
+                   help="the negative model: a checkpoint, a training output or a unet folder")
+    p.add_argument("--model", default=None, help="toy base folder (default: shipped or cached)")
+    p.set_defaults(func=run_shift)
+
+    p = verbs.add_parser("perp-neg", help="Perp-Neg vs a plain negative prompt when the concepts overlap")
+    p.add_argument("--out", default="runs/toy_perp_neg", help="output folder (default: runs/toy_perp_neg)")
+    p.add_argument("--model", default=None, help="toy base folder (default: shipped or cached)")
+    p.add_argument("--n", type=int, default=240, help="caption/seed items")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-steps", type=int, default=10, help="sampler steps (DPM-Solver++)")
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=run_perp_neg)
 
 
 def _check_positive(**values: int | None) -> None:
@@ -167,6 +230,7 @@ def run_pairs(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from diffusion_po.toy import oracle, world
+    from diffusion_po.toy.experiment import eval_seeds
     from diffusion_po.toy.pairs import sample
 
     _check_positive(n=args.n, sample_steps=args.sample_steps)
@@ -175,7 +239,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     pipe = _pipe(args.model, args.unet, args.lora)
     prompts = world.held_out_prompts(args.n, args.seed, split=args.split)
-    seeds = [args.seed * 1_000_003 + i for i in range(args.n)]
+    seeds = eval_seeds(args.n, args.seed)
     images = sample(pipe, prompts, seeds, args.sample_steps, args.guidance, progress=True)
     results = oracle.score_many(images, prompts)
     summary = oracle.summarize(results)
@@ -192,4 +256,68 @@ def run_eval(args: argparse.Namespace) -> int:
         cols = min(8, len(shown))
         grid = make_grid(shown, cols)
         grid.resize((grid.width * 3, grid.height * 3), 0).save(args.grid)
+    return 0
+
+
+def run_method(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.experiment import ToyRunConfig
+    from diffusion_po.toy.methods import run_method as run
+
+    _check_positive(pairs=args.pairs, val=args.val, test=args.test, experts=args.experts)
+    for flag, path in (("--pairs-file", args.pairs_file), ("--images", args.images)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path} does not exist")
+    _set_threads(args.threads)
+    out = args.out or f"runs/toy_{args.name}"
+    cfg = ToyRunConfig(out=out, model=args.model, config=args.config, overrides=list(args.overrides),
+                       n_pairs=args.pairs, n_val=args.val, n_test=args.test, threads=args.threads,
+                       keep_checkpoints=args.keep_checkpoints)
+    res = run(args.name, cfg, args.pairs_file, args.cache_dir, args.experts, args.images)
+    wr = res["win_rate"]
+    print(f"{args.name}: win rate {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] (n={wr['n']}); "
+          f"report in {out}/report.md")
+    return 0
+
+
+def run_table(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.methods import table
+
+    print(table(args.folders))
+    return 0
+
+
+def run_scales(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.methods import scale_sweep
+
+    try:
+        scales = [float(x) for x in args.scales.split(",")]
+    except ValueError:
+        raise UserError(f"--scales must be comma-separated numbers, got '{args.scales}'") from None
+    _check_positive(val=args.val)
+    _set_threads(args.threads)
+    print("| CFG scale | reward | colour | shape | clean |\n|---|---|---|---|---|")
+    for r in scale_sweep(scales, args.model, args.val):
+        print(f"| {r['scale']:g} | {r['reward']:.4f} | {r['colour']:.4f} | {r['shape']:.4f} | {r['clean']:.4f} |")
+    return 0
+
+
+def run_shift(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.methods import guidance_shift
+
+    if not Path(args.negative).exists():
+        raise UserError(f"{args.negative} does not exist; give the negative model's folder (a checkpoint, a "
+                        "training output or a unet folder)")
+    print("| t | k (along CFG's direction) | cos | norm d | norm D |\n|---|---|---|---|---|")
+    for r in guidance_shift(args.negative, args.model):
+        print(f"| {r['t']} | {r['k']:.3f} | {r['cos']:.3f} | {r['norm_d']:.2f} | {r['norm_D']:.2f} |")
+    return 0
+
+
+def run_perp_neg(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.perp_neg import run_perp_neg as run
+
+    _check_positive(n=args.n, sample_steps=args.sample_steps)
+    _set_threads(args.threads)
+    res = run(args.out, args.model, args.n, args.seed, args.sample_steps, args.guidance)
+    print(json.dumps(res, indent=2))
     return 0

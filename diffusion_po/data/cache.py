@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from diffusion_po.config import DataConfig, TrainConfig
+from diffusion_po.config import DataConfig, TrainConfig, weight_dtype_of
 from diffusion_po.data.preference import (
     PAIRED_FORMATS,
     BadRow,
@@ -214,7 +214,6 @@ def write_cache(
     The VAE and text encoders run in `cfg.mixed_precision` as in training; tensors are stored in `dtype`.
     """
     from diffusion_po.families import load_family
-    from diffusion_po.training.trainer import weight_dtype_of
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from diffusion_po.errors import DataError, UserError
+from diffusion_po.errors import DataError
 from diffusion_po.sampling.sampler import weighted
 
 PromptRow = dict[str, Any]  # {"prompt", optional "negative_prompt", "positive_prompts", "seeds", "id"}
@@ -85,16 +85,6 @@ def read_prompt_file(path: str | Path) -> list[PromptRow]:
     return rows
 
 
-def shipped_prompt_set(spec: str) -> list[PromptRow]:
-    """A prompt set of `diffusion_po.eval.prompts.load_prompt_set` (parti, geneval, NAME:PATH, ...)."""
-    try:
-        from diffusion_po.eval.prompts import load_prompt_set
-    except ImportError as exc:
-        raise UserError(f"prompt set '{spec}': diffusion_po.eval.prompts is not available in this version") from exc
-    items = load_prompt_set(spec)  # raises DataError with the list of known sets
-    return [{"prompt": it.text, "id": it.id, "negatives": [], "positives": []} for it in items]
-
-
 def png_info(meta: dict[str, Any]):
     """PNG text chunks: 'prompt', 'negative_prompt', 'seed', and all settings as JSON under 'diffusion_po'."""
     from PIL.PngImagePlugin import PngInfo
@@ -131,4 +121,4 @@ def make_grid(images: list[Any], cols: int) -> Any:
     return grid
 
 
-__all__ = ["make_grid", "parse_weighted", "png_info", "read_png_metadata", "read_prompt_file", "shipped_prompt_set", "weighted"]
+__all__ = ["make_grid", "parse_weighted", "png_info", "read_png_metadata", "read_prompt_file", "weighted"]

@@ -1,7 +1,12 @@
-"""The README main job: Diffusion-DPO on toy pairs from the toy base model, then an honest evaluation.
+"""The toy protocol and the README main job: Diffusion-DPO on toy pairs from the toy base model, then an honest
+evaluation.
 
     pairs -> train (the shared trainer, data format `pickapic`) -> early stopping on validation reward
           -> test: base vs tuned on held-out prompts with fixed seeds -> report
+
+The trainer keys come from the shipped `configs/toy_dpo.yaml` (the one source of the toy defaults), then a
+method's config over it, then `--set` overrides. `choose_and_test` is the protocol every toy experiment with
+checkpoints shares (the main job here, the other methods in `diffusion_po.toy.methods`).
 
 Early stopping: the trainer writes a checkpoint every `eval_every` steps; each one samples the
 validation prompts (split `val`, never used for pairs or the final test) and the checkpoint with the
@@ -16,9 +21,11 @@ Outputs in the run folder: `pairs.parquet`, `train/` (trainer output, `metrics.j
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,26 +34,6 @@ import numpy as np
 
 from diffusion_po.toy import oracle, world
 from diffusion_po.toy import pairs as toy_pairs
-
-#: the Diffusion-DPO run of the main job (also in configs/toy_dpo.yaml; a test checks they agree)
-TOY_DPO_DEFAULTS: dict[str, Any] = {
-    "method": "dpo",
-    "resolution": 32,
-    "train_batch_size": 32,
-    "gradient_accumulation_steps": 1,
-    "max_train_steps": 300,
-    "learning_rate": 2e-6,
-    "lr_scheduler": "constant_with_warmup",
-    "lr_warmup_steps": 10,
-    "adam_weight_decay": 0.0,
-    "max_grad_norm": 1.0,
-    "beta_dpo": 500.0,
-    "use_lora": False,
-    "checkpointing_steps": 50,
-    "report_to": "none",
-    "seed": 0,
-    "data": {"format": "pickapic", "random_flip": False, "center_crop": True, "drop_ties": True},
-}
 
 
 @dataclass
@@ -57,7 +44,7 @@ class ToyRunConfig:
     model: str | None = None
     """Base pipeline folder (default: the shipped toy base)."""
     config: str | None = None
-    """A YAML of trainer keys overriding TOY_DPO_DEFAULTS (e.g. configs/toy_dpo.yaml)."""
+    """A YAML of trainer keys over the shipped configs/toy_dpo.yaml (e.g. configs/toy_kto.yaml)."""
     overrides: list[str] = field(default_factory=list)
     n_pairs: int = 1000
     pair_seed: int = 0
@@ -79,26 +66,34 @@ class ToyRunConfig:
     keep_checkpoints: bool = False
 
 
-def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: Path):
-    """The TrainConfig of the DPO stage: defaults, then `run.config`, then `run.overrides`."""
-    from diffusion_po.config import TrainConfig, apply_overrides, from_dict, load_yaml, validate
+#: the shipped config (`diffusion_po/configs/`) every toy training run starts from
+DEFAULTS_CONFIG = "toy_dpo"
 
-    data: dict[str, Any] = json.loads(json.dumps(TOY_DPO_DEFAULTS))
-    source = "toy defaults"
+
+def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: Path):
+    """The TrainConfig of the training stage: the shipped `toy_dpo` config, then `run.config` over it (its
+    `data` section merged key by key), then `run.overrides`."""
+    from diffusion_po.config import TrainConfig, apply_overrides, from_dict, load_yaml, validate
+    from diffusion_po.shipped import config_path
+
+    defaults = config_path(DEFAULTS_CONFIG)
+    shipped = load_yaml(defaults)
+    data: dict[str, Any] = json.loads(json.dumps(shipped))  # a deep copy: `shipped` stays the defaults
+    data.setdefault("data", {})
+    source = str(defaults)
     if run.config:
-        extra = load_yaml(run.config)
+        extra = load_yaml(config_path(run.config))  # a file, or a shipped config by name (toy_kto)
         for key, value in extra.items():
             if key == "data" and isinstance(value, dict):
                 data["data"].update(value)
             else:
                 data[key] = value
-        source = run.config
+        source = f"{run.config} over {defaults.name}"
     if run.overrides:
         data = apply_overrides(data, run.overrides)
         source += " (with --set overrides)"
     data["pretrained_model_name_or_path"] = str(base)
     data["output_dir"] = str(output_dir)
-    data.setdefault("data", {})
     data["data"]["data_files"] = [str(pairs_file)]
     data["data"]["format"] = data["data"].get("format", "pickapic")
     cfg = from_dict(TrainConfig, data, source)
@@ -137,9 +132,22 @@ def train_stage(run: ToyRunConfig, base_path: Path, data_file: Path, train_dir: 
     return cfg
 
 
+#: sample images: (prompts, seeds, progress label) -> images
+Sampler = Callable[[list[str], list[int], str], list[Any]]
+#: sample images with a checkpoint's model: (checkpoint folder, prompts, seeds, progress label) -> images
+CheckpointSampler = Callable[[Path, list[str], list[int], str], list[Any]]
+
+
+def sampler(pipe: Any, run: ToyRunConfig) -> Sampler:
+    """Plain CFG sampling of `pipe` with the run's sampler settings."""
+    def sample(prompts: list[str], seeds: list[int], desc: str) -> list[Any]:
+        return toy_pairs.sample(pipe, prompts, seeds, run.steps, run.scale, run.batch_size, progress=True, desc=desc)
+    return sample
+
+
 def evaluate(pipe: Any, prompts: list[str], seeds: list[int], run: ToyRunConfig, desc: str) -> tuple[list, list]:
     """Sample and score; returns (images, oracle results)."""
-    images = toy_pairs.sample(pipe, prompts, seeds, run.steps, run.scale, run.batch_size, progress=True, desc=desc)
+    images = sampler(pipe, run)(prompts, seeds, desc)
     return images, oracle.score_many(images, prompts)
 
 
@@ -157,13 +165,100 @@ def _mean(results: list[oracle.OracleResult], key: str = "reward") -> float:
     return float(np.mean([getattr(r, key) for r in results]))
 
 
+def _curve_row(step: int, results: list[oracle.OracleResult]) -> dict[str, float]:
+    return {"step": step, "reward": _mean(results), "colour_ok": _mean(results, "colour_ok"),
+            "shape_ok": _mean(results, "shape_ok")}
+
+
+def _base_results(cache_dir: Path | None, key: dict[str, Any], sample: Sampler, prompts: list[str],
+                  seeds: list[int], desc: str) -> tuple[list | None, list[oracle.OracleResult]]:
+    """(images, oracle results) of the base model's samples; with `cache_dir` the results are cached on disk
+    by (model, prompts, seeds, sampler) and the images are None when they come from the cache."""
+    if cache_dir is not None:
+        digest = hashlib.sha1(json.dumps({**key, "prompts": prompts, "seeds": seeds}, sort_keys=True).encode())
+        path = cache_dir / f"base-{digest.hexdigest()[:16]}.json"
+        if path.is_file():
+            return None, [oracle.OracleResult(**d, shapes=[]) for d in json.loads(path.read_text())]
+    images = sample(prompts, seeds, desc)
+    results = oracle.score_many(images, prompts)
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([r.to_dict() for r in results]))
+    return images, results
+
+
+@dataclass
+class Selection:
+    """What the protocol measured: the validation curve over checkpoints, the chosen one, the paired test."""
+
+    val_curve: list[dict[str, float]]
+    best_step: int
+    checkpoints: list[Path]
+    test_prompts: list[str]
+    test_seeds: list[int]
+    base_results: list[oracle.OracleResult]
+    tuned_results: list[oracle.OracleResult]
+    base_images: list | None
+    """None when the base's test results came from the cache."""
+    tuned_images: list | None
+    win_rate: Any
+    """`diffusion_po.eval.stats.WinRate` of tuned over base on the test items."""
+    timings_s: dict[str, float]
+    """Wall time of the `validation` and the `test` stage."""
+
+
+def choose_and_test(run: ToyRunConfig, train_dir: Path, sample_base: Sampler, sample_tuned: CheckpointSampler,
+                    cache_dir: Path | None = None, base_id: str = "") -> Selection:
+    """The toy protocol: validation reward of every checkpoint in `train_dir` (step 0 = `sample_base`
+    competes), then the best against `sample_base` on the test split with the same seeds; writes
+    `test_scores.jsonl` into `run.out`. `cache_dir` keeps the base's rewards (keyed by `base_id`)."""
+    from diffusion_po.eval.stats import paired_win_rate
+    from diffusion_po.training import checkpoint as ckpt
+
+    t0 = time.perf_counter()
+    key = {"model": base_id, "steps": run.steps, "scale": run.scale}
+    val_prompts, val_seeds = eval_items(run, "val")
+    _, base_val = _base_results(cache_dir, key, sample_base, val_prompts, val_seeds, "validation: base")
+    val_curve = [_curve_row(0, base_val)]
+    checkpoints = ckpt.list_checkpoints(train_dir)
+    for c in checkpoints:
+        step = ckpt.step_of(c)
+        images = sample_tuned(c, val_prompts, val_seeds, f"validation: step {step}")
+        val_curve.append(_curve_row(step, oracle.score_many(images, val_prompts)))
+    best = max(val_curve, key=lambda r: r["reward"])
+    timings = {"validation": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    test_prompts, test_seeds = eval_items(run, "test")
+    base_images, base_res = _base_results(cache_dir, key, sample_base, test_prompts, test_seeds, "test: base")
+    if best["step"] == 0:
+        tuned_images, tuned_res = base_images, base_res
+    else:
+        tuned_images = sample_tuned(train_dir / f"checkpoint-{best['step']}", test_prompts, test_seeds, "test: tuned")
+        tuned_res = oracle.score_many(tuned_images, test_prompts)
+    wr = paired_win_rate([r.reward for r in tuned_res], [r.reward for r in base_res], n_boot=run.n_boot,
+                         seed=run.eval_seed, tie_tol=run.tie_tol, groups=test_prompts)
+    timings["test"] = time.perf_counter() - t0
+    with (Path(run.out) / "test_scores.jsonl").open("w") as fh:
+        for p, s, b, t in zip(test_prompts, test_seeds, base_res, tuned_res):
+            fh.write(json.dumps({"prompt": p, "seed": s, "base": b.to_dict(), "tuned": t.to_dict()}) + "\n")
+    return Selection(val_curve, best["step"], checkpoints, test_prompts, test_seeds, base_res, tuned_res,
+                     base_images, tuned_images, wr, timings)
+
+
+def remove_checkpoints(run: ToyRunConfig, selection: Selection) -> None:
+    """Delete the run's training checkpoints unless `run.keep_checkpoints`."""
+    if not run.keep_checkpoints:
+        for c in selection.checkpoints:
+            shutil.rmtree(c, ignore_errors=True)
+
+
 def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     """The whole main job; returns the results dictionary (also written to `out/results.json`)."""
     import torch
 
-    from diffusion_po.eval.stats import bootstrap_mean_ci, paired_win_rate
+    from diffusion_po.eval.stats import bootstrap_mean_ci
     from diffusion_po.toy.build import ensure_base
-    from diffusion_po.training import checkpoint as ckpt
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -190,67 +285,41 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     cfg = train_stage(run, base_path, pairs_file, train_dir)
     timings["train"] = time.perf_counter() - t0
 
-    # 3. early stopping on the validation prompts
-    t0 = time.perf_counter()
-    val_prompts, val_seeds = eval_items(run, "val")
-    _, base_val = evaluate(base, val_prompts, val_seeds, run, "validation: base")
-    val_curve = [{"step": 0, "reward": _mean(base_val), "colour_ok": _mean(base_val, "colour_ok"),
-                  "shape_ok": _mean(base_val, "shape_ok")}]
-    checkpoints = ckpt.list_checkpoints(train_dir)
-    for c in checkpoints:
-        unet_dir, lora_dir = checkpoint_model(c)
-        pipe = toy_pairs.with_unet(base, unet_dir, lora_dir)
-        _, res = evaluate(pipe, val_prompts, val_seeds, run, f"validation: step {ckpt.step_of(c)}")
-        val_curve.append({"step": ckpt.step_of(c), "reward": _mean(res), "colour_ok": _mean(res, "colour_ok"),
-                          "shape_ok": _mean(res, "shape_ok")})
-    with (out / "val.jsonl").open("w") as fh:
-        for row in val_curve:
-            fh.write(json.dumps(row) + "\n")
-    best = max(val_curve, key=lambda r: r["reward"])
-    timings["validation"] = time.perf_counter() - t0
+    # 3. early stopping on the validation prompts, 4. the test: base vs the chosen model, same seeds
+    def sample_checkpoint(c: Path, prompts: list[str], seeds: list[int], desc: str) -> list[Any]:
+        return sampler(toy_pairs.with_unet(base, *checkpoint_model(c)), run)(prompts, seeds, desc)
 
-    # 4. the test: base vs the chosen model on held-out prompts, same seeds
-    t0 = time.perf_counter()
-    test_prompts, test_seeds = eval_items(run, "test")
-    base_images, base_res = evaluate(base, test_prompts, test_seeds, run, "test: base")
-    if best["step"] == 0:
-        tuned = base
-    else:
-        chosen = train_dir / f"checkpoint-{best['step']}"
-        unet_dir, lora_dir = checkpoint_model(chosen)
-        tuned = toy_pairs.with_unet(base, unet_dir, lora_dir)
+    sel = choose_and_test(run, train_dir, sampler(base, run), sample_checkpoint)
+    timings.update(sel.timings_s)
+    with (out / "val.jsonl").open("w") as fh:
+        for row in sel.val_curve:
+            fh.write(json.dumps(row) + "\n")
+    if sel.best_step != 0:
+        chosen = train_dir / f"checkpoint-{sel.best_step}"
+        unet_dir, _ = checkpoint_model(chosen)
         final = out / "tuned"
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(chosen / "unet" if unet_dir else chosen, final / ("unet" if unet_dir else ""),
                         ignore=shutil.ignore_patterns("*.bin", "*.pkl", "optimizer*", "random_states*", "scheduler*"))
-    tuned_images, tuned_res = evaluate(tuned, test_prompts, test_seeds, run, "test: tuned")
-    timings["test"] = time.perf_counter() - t0
+    remove_checkpoints(run, sel)
+    base_res, tuned_res, test_prompts = sel.base_results, sel.tuned_results, sel.test_prompts
     base_r = [r.reward for r in base_res]
     tuned_r = [r.reward for r in tuned_res]
-    wr = paired_win_rate(tuned_r, base_r, n_boot=run.n_boot, seed=run.eval_seed, tie_tol=run.tie_tol,
-                         groups=test_prompts)
-    with (out / "test_scores.jsonl").open("w") as fh:
-        for p, s, b, t in zip(test_prompts, test_seeds, base_res, tuned_res):
-            fh.write(json.dumps({"prompt": p, "seed": s, "base": b.to_dict(), "tuned": t.to_dict()}) + "\n")
-
-    if not run.keep_checkpoints:
-        for c in checkpoints:
-            shutil.rmtree(c, ignore_errors=True)
     metrics = read_metrics(train_dir / "metrics.jsonl")
-    plot_curves(metrics, val_curve, out / "curves.png")
-    save_grid(test_prompts[: run.grid_prompts], base_images, tuned_images, base_r, tuned_r, out / "grid.png")
+    plot_curves(metrics, sel.val_curve, out / "curves.png")
+    save_grid(test_prompts[: run.grid_prompts], sel.base_images, sel.tuned_images, base_r, tuned_r, out / "grid.png")
     timings["total"] = time.perf_counter() - started
 
     def stat(values: list[float]) -> dict[str, float]:
         return bootstrap_mean_ci(values, n_boot=run.n_boot, seed=run.eval_seed).to_dict()
 
     results = {
-        "win_rate": wr.to_dict(),
+        "win_rate": sel.win_rate.to_dict(),
         "base": {**oracle.summarize(base_res), "reward": stat(base_r)},
         "tuned": {**oracle.summarize(tuned_res), "reward": stat(tuned_r)},
-        "chosen_step": best["step"],
-        "val_curve": val_curve,
+        "chosen_step": sel.best_step,
+        "val_curve": sel.val_curve,
         "pairs": summary.to_dict(),
         "n_test_prompts": len(set(test_prompts)),
         "n_test_items": len(test_prompts),
@@ -408,5 +477,6 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-__all__ = ["TOY_DPO_DEFAULTS", "ToyRunConfig", "evaluate", "plot_curves", "run_toy_dpo", "save_grid",
-           "trainer_config", "write_report"]
+__all__ = ["DEFAULTS_CONFIG", "Selection", "ToyRunConfig", "checkpoint_model", "choose_and_test", "eval_items",
+           "evaluate", "plot_curves", "remove_checkpoints", "run_toy_dpo", "sampler", "save_grid", "trainer_config",
+           "write_report"]

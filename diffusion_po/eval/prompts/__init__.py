@@ -285,7 +285,13 @@ def load_prompt_set(spec: str) -> PromptSet:
     )
 
 
+def prompt_rows(spec: str) -> list[dict[str, Any]]:
+    """The prompts of a set as `diffusion-po sample` rows (`diffusion_po.sampling.io.PromptRow`, no negatives)."""
+    return [{"prompt": it.text, "id": it.id, "negatives": [], "positives": []} for it in load_prompt_set(spec)]
+
+
 __all__ = [
     "BUILTIN", "DATA_DIR", "FILE_SETS", "HPS_STYLES", "PromptItem", "PromptSet", "load_drawbench",
     "load_geneval", "load_hpsv2", "load_parti", "load_pickapic", "load_prompt_file", "load_prompt_set",
+    "prompt_rows",
 ]

@@ -1,9 +1,8 @@
-"""Toy-world experiments for the sampling layer: Perp-Neg vs a plain negative prompt, NPO vs CFG.
+"""Perp-Neg vs a plain negative prompt in the toy world, when main and negative prompts overlap.
 
-    python -m diffusion_po.sampling.experiments perp-neg --out runs/perpneg [--base DIR] [--n 240]
-    python -m diffusion_po.sampling.experiments npo --npo-lora runs/npo --out runs/npo_eval [--base DIR]
+    diffusion-po toy perp-neg [--out runs/toy_perp_neg] [--model DIR] [--n 240] [--seed 0]
 
-**Perp-Neg vs negative prompt, overlapping concepts.** Prompts are held-out two-shape captions with two
+Prompts are held-out two-shape captions with two
 different colours ("a large red circle and a small blue square"); the negative prompt is the colour
 word of one of the shapes ("red"), so main and negative prompts overlap. Per image (oracle of
 `diffusion_po.toy.oracle`):
@@ -16,13 +15,11 @@ Methods: cfg (no negative), negative-prompt CFG, Perp-Neg (weights 1 and 1.5), c
 and means carry 95% bootstrap intervals; Perp-Neg vs negative prompt is also a paired win rate on the
 keep score (same caption and seed).
 
-**NPO vs CFG.** Held-out prompts, the same seeds, CFG vs NPO guidance (the NPO LoRA or negative
-network as the negative branch); the oracle reward as a paired win rate with interval.
+NPO guidance vs plain CFG is `diffusion-po toy method npo` (the toy protocol of every method).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -30,18 +27,15 @@ from typing import Any
 import numpy as np
 
 from diffusion_po.sampling.sampler import PromptSpec
+from diffusion_po.toy import oracle, world
+from diffusion_po.toy.pairs import DEFAULT_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS
 
-DEFAULT_STEPS = 10
-DEFAULT_SCALE = 4.0
-DEFAULT_SCHEDULER = "dpm++"
 REMOVED_FRACTION = 0.01
 
 
 def overlap_items(n: int, seed: int = 0) -> list[tuple[str, str, int]]:
     """n (caption, negative colour, index of the shape that has it): held-out two-colour captions,
     the negative alternating between the first and the second shape's colour."""
-    from diffusion_po.toy import world
-
     pool = [c for c in world.split_captions("test") if world.parse_caption(c).layout != "single"]
     pool = [c for c in pool if len(set(world.parse_caption(c).colours())) == 2]
     rng = np.random.default_rng(seed)
@@ -56,8 +50,6 @@ def overlap_items(n: int, seed: int = 0) -> list[tuple[str, str, int]]:
 
 def score_overlap(image: Any, caption: str, neg_colour: str, which: int) -> dict[str, float]:
     """keep / removed / keep_score (see the module docstring) of one image."""
-    from diffusion_po.toy import oracle
-
     result = oracle.score(image, caption)
     other = result.shapes[1 - which]
     target = result.shapes[which]
@@ -81,28 +73,25 @@ def _ci(values: list[float]) -> dict[str, float]:
     return {"mean": round(float(ci.value), 4), "lo": round(float(ci.lo), 4), "hi": round(float(ci.hi), 4)}
 
 
-def _load(base: str | None) -> Any:
-    from diffusion_po.toy.build import ensure_base
-    from diffusion_po.toy.pairs import load_pipeline
-
-    return load_pipeline(ensure_base(base))
-
-
 def run_perp_neg(
-    out: str | Path,
-    base: str | None = None,
+    out: str | Path | None,
+    model: str | None = None,
     n: int = 240,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
     scale: float = DEFAULT_SCALE,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Perp-Neg vs negative-prompt CFG with overlapping concepts; writes results.json and report.md."""
+    """Perp-Neg vs negative-prompt CFG with overlapping concepts on the toy base (or the pipeline folder
+    `model`); writes results.json, report.md and a grid per method into `out` (nothing when None)."""
     from diffusion_po.eval.stats import paired_win_rate
     from diffusion_po.guidance import CFG, Composable, PerpNeg
     from diffusion_po.sampling import generate
+    from diffusion_po.sampling.io import make_grid
+    from diffusion_po.toy.build import ensure_base
+    from diffusion_po.toy.pairs import load_pipeline
 
-    pipe = _load(base)
+    pipe = load_pipeline(ensure_base(model))
     items = overlap_items(n, seed)
     seeds = [seed * 100_000 + i for i in range(n)]
     methods: dict[str, tuple[Any, float | None]] = {
@@ -124,8 +113,6 @@ def run_perp_neg(
         if out:
             grid_dir = Path(out)
             grid_dir.mkdir(parents=True, exist_ok=True)
-            from diffusion_po.sampling.io import make_grid
-
             make_grid(images[:32], 8).resize((8 * 96, 4 * 96), 0).save(grid_dir / f"grid_{name}.png")
     summary = {
         name: {k: _ci([r[k] for r in rows]) for k in ("keep", "other_ok", "target_shape_ok", "removed", "neg_fraction", "keep_score", "reward")}
@@ -144,45 +131,6 @@ def run_perp_neg(
     return results
 
 
-def run_npo(
-    out: str | Path,
-    base: str | None = None,
-    npo_lora: str | None = None,
-    negative_model: str | None = None,
-    n: int = 240,
-    seed: int = 0,
-    steps: int = DEFAULT_STEPS,
-    scale: float = DEFAULT_SCALE,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """NPO guidance vs plain CFG on held-out prompts: oracle reward, paired win rate."""
-    from diffusion_po.eval.stats import paired_win_rate
-    from diffusion_po.guidance import CFG, NPO
-    from diffusion_po.sampling import generate
-    from diffusion_po.sampling.negative import load_negative_network, load_npo_lora
-    from diffusion_po.toy import oracle, world
-
-    if not (npo_lora or negative_model):
-        raise ValueError("give npo_lora or negative_model")
-    pipe = _load(base)
-    neg = load_npo_lora(pipe, npo_lora) if npo_lora else load_negative_network(pipe, negative_model)
-    prompts = world.held_out_prompts(n, seed)
-    seeds = [seed * 100_000 + i for i in range(n)]
-    rewards = {}
-    for name, guidance, nm in (("cfg", CFG(scale), None), ("npo", NPO(scale), neg)):
-        images = generate(pipe, prompts, seeds=seeds, guidance=guidance, negative_model=nm, steps=steps,
-                          batch_size=batch_size, scheduler=DEFAULT_SCHEDULER, progress=True)
-        rewards[name] = [oracle.reward(im, p) for im, p in zip(images, prompts)]
-    wr = paired_win_rate(rewards["npo"], rewards["cfg"])
-    results = {
-        "n": n, "steps": steps, "scale": scale, "npo_lora": npo_lora, "negative_model": negative_model,
-        "reward": {k: _ci(v) for k, v in rewards.items()},
-        "npo_vs_cfg_win_rate": {"win_rate": round(wr.win_rate, 4), "lo": round(wr.lo, 4), "hi": round(wr.hi, 4), "n": wr.n},
-    }
-    _write(out, results, "NPO guidance vs CFG")
-    return results
-
-
 def _write(out: str | Path | None, results: dict[str, Any], title: str) -> None:
     if not out:
         return
@@ -193,26 +141,4 @@ def _write(out: str | Path | None, results: dict[str, Any], title: str) -> None:
     (folder / "report.md").write_text("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffusion_po.sampling.experiments", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=["perp-neg", "npo"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--base", help="toy base model folder (default: the shipped or cached one)")
-    p.add_argument("--npo-lora")
-    p.add_argument("--negative-model")
-    p.add_argument("--n", type=int, default=240)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--scale", type=float, default=DEFAULT_SCALE)
-    args = p.parse_args(argv)
-    if args.experiment == "perp-neg":
-        res = run_perp_neg(args.out, args.base, args.n, args.seed, args.steps, args.scale)
-    else:
-        res = run_npo(args.out, args.base, args.npo_lora, args.negative_model, args.n, args.seed, args.steps, args.scale)
-    print(json.dumps(res, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["REMOVED_FRACTION", "overlap_items", "run_perp_neg", "score_overlap"]
