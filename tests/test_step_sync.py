@@ -169,3 +169,15 @@ def test_explicit_compile_failure_is_an_error(tmp_path, tiny_sd):
     with pytest.raises(Exception, match="explicitly broken"):
         trainer.train_step(_batch())
     dynamo.reset()
+
+
+def test_loader_workers_default_to_none_on_the_cpu_and_some_on_a_gpu(tmp_path):
+    from diffusion_po.config import default_num_workers
+
+    cfg = from_dict(TrainConfig, {"pretrained_model_name_or_path": "x", "data": {"format": "pickapic"}})
+    assert cfg.dataloader_num_workers is None
+    assert default_num_workers(cfg, "cpu") == 0
+    assert 0 <= default_num_workers(cfg, "cuda") <= 4
+    assert default_num_workers(cfg, "cuda", num_processes=10_000) == 0  # never more workers than cores
+    cfg.dataloader_num_workers = 3
+    assert default_num_workers(cfg, "cpu") == 3

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from diffusion_po.config import DataConfig, TrainConfig, weight_dtype_of
+from diffusion_po.config import DataConfig, TrainConfig, default_num_workers, weight_dtype_of
 from diffusion_po.data.preference import (
     PAIRED_FORMATS,
     BadRow,
@@ -281,7 +281,7 @@ def write_cache(
 
     encode_captions([""])  # the empty prompt, for prompt dropout
     dataset = _RowsById(rows, ids, decoder)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.dataloader_num_workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers(cfg, dev.type),
                                          collate_fn=list)
     from tqdm.auto import tqdm
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffusion_po.config import TrainConfig, save_config, to_dict
+from diffusion_po.config import TrainConfig, default_num_workers, save_config, to_dict
 from diffusion_po.data import build_train_data
 from diffusion_po.errors import DataError, UserError
 from diffusion_po.families import Conditioning, Family, compile_regions, cond_to, load_family
@@ -444,14 +444,14 @@ class Trainer:
     def build_data(self):
         """This process's loader from the run's micro-step on: image files, or the data cache."""
         cfg, acc = self.cfg, self.accelerator
+        workers = default_num_workers(cfg, acc.device.type, acc.num_processes)
         if cfg.data.format == "cache":
             from diffusion_po.data.cache import build_cache_data
 
             return build_cache_data(cfg, self.family, self.method_formats, cfg.train_batch_size, acc.process_index,
-                                    acc.num_processes, self.state.micro_step, cfg.dataloader_num_workers,
-                                    self.cache_fingerprint)
+                                    acc.num_processes, self.state.micro_step, workers, self.cache_fingerprint)
         return build_train_data(cfg.data, cfg.resolution, cfg.train_batch_size, acc.process_index,
-                                acc.num_processes, cfg.seed, self.state.micro_step, cfg.dataloader_num_workers)
+                                acc.num_processes, cfg.seed, self.state.micro_step, workers)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[bool, dict[str, float]] | None:
         """One micro-step: loss and backward; at the end of an accumulation window also clipping and the
