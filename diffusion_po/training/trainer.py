@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffusion_po.config import TrainConfig, default_num_workers, save_config, to_dict
+from diffusion_po.config import TrainConfig, default_num_workers, save_config, to_dict, weight_dtype_of
 from diffusion_po.data import build_train_data
 from diffusion_po.errors import DataError, UserError
 from diffusion_po.families import Conditioning, Family, compile_regions, cond_to, load_family
@@ -57,10 +57,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-
-
-def weight_dtype_of(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 class Context:
