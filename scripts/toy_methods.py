@@ -187,7 +187,7 @@ def run_method(method: str, run: Any, pairs_file: str | None = None, cache_dir: 
     timings["total"] = time.perf_counter() - started
     results.update(method=method, data=data_info, run=asdict(run), threads=torch.get_num_threads(),
                    timings_s={k: round(v, 1) for k, v in timings.items()},
-                   train_config={k: getattr(cfg, k) for k in ("method", "learning_rate", "beta_dpo", "train_batch_size",
+                   train_config={k: getattr(cfg, k) for k in ("method", "learning_rate", "train_batch_size",
                                                                "max_train_steps", "use_lora", "method_options")})
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_report(results, out / "report.md")

@@ -266,9 +266,9 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
 
 
 def _cfg_summary(cfg: Any) -> dict[str, Any]:
-    keys = ("method", "learning_rate", "beta_dpo", "train_batch_size", "max_train_steps", "use_lora", "rank",
-            "checkpointing_steps", "sft_weight", "label_smoothing", "seed")
-    return {k: getattr(cfg, k) for k in keys}
+    keys = ("method", "learning_rate", "train_batch_size", "max_train_steps", "use_lora", "rank",
+            "checkpointing_steps", "seed")
+    return {**{k: getattr(cfg, k) for k in keys}, **cfg.method_options}  # beta_dpo, sft_weight, ...
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
