@@ -146,3 +146,10 @@ def test_reference_without_declaring_it_is_an_error(tmp_path, tiny_sd, fresh_acc
     batch = {"latents_w": torch.zeros(2, 4, 4, 4), "captions": ["a", "b"], "size": 2}
     with pytest.raises(RuntimeError, match=r"calls ctx.reference_predict but declares needs_reference = False"):
         tr.method.compute_loss(tr.context, batch)
+
+
+def test_docs_show_the_shipped_example():
+    """docs/methods.md "Adding a method" shows examples/ipo/ipo.py and ipo.yaml as shipped (one source)."""
+    docs = (ROOT / "docs" / "methods.md").read_text()
+    assert f"```python\n{(IPO_DIR / 'ipo.py').read_text()}```" in docs
+    assert f"```yaml\n{IPO_YAML.read_text()}```" in docs
