@@ -101,12 +101,17 @@ class Method:
         self.options = self.parse_options(config.method_options, config.method)
 
     @classmethod
+    def option_names(cls) -> list[str]:
+        """The keys the method reads under `method_options`."""
+        return [f.name for f in dataclasses.fields(cls.Options)]
+
+    @classmethod
     def parse_options(cls, method_options: dict[str, Any], method: str | None = None,
                       source: str = "method_options") -> Any:
         """The method's `Options` from a `method_options` mapping; a key it does not read, a wrong type or
         a bad value is a ConfigError naming the key, the method and `source`."""
         method = method or cls.name or cls.__name__
-        fields = [f.name for f in dataclasses.fields(cls.Options)]
+        fields = cls.option_names()
         unknown = [k for k in method_options if k not in fields]
         if unknown:
             import difflib
