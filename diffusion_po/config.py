@@ -3,7 +3,8 @@
 Key names follow the diffusers training examples' flags, so a command line from those scripts carries
 over (`learning_rate`, `train_batch_size`, `gradient_accumulation_steps`, `beta_dpo`, ...). The data set
 is its own section (`data:`). Method-specific options live under `method_options:` and are validated by
-the method's own `Options` dataclass.
+the method's own `Options` dataclass; the diffusers scripts' top-level spellings of method settings
+(`METHOD_KEY_ALIASES`: `beta_dpo: 5000`, `--set beta_dpo=...`) mean the same keys under `method_options`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from diffusion_po.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+METHOD_KEY_ALIASES = ("beta_dpo", "sft_weight", "label_smoothing")
+"""Method settings that may also be written at the top level, as the diffusers training examples' flags;
+they go to `method_options`, where the chosen method must read them."""
 
 
 @dataclass
@@ -110,10 +114,6 @@ class TrainConfig:
     save_full_pipeline: bool = False
     """Full fine-tunes: also write the whole pipeline (model_index.json, vae/, text_encoder/, ...)."""
 
-    beta_dpo: float = 5000.0
-    """DPO beta in the original repository's convention: z = -(beta/2) * (model_diff - ref_diff)."""
-    sft_weight: float = 0.0
-    label_smoothing: float = 0.0
     proportion_empty_prompts: float = 0.0
     max_nonfinite_steps: int = 20
     """Stop after this many optimizer steps in a row whose loss was NaN/inf (each one is skipped)."""
@@ -156,7 +156,25 @@ class TrainConfig:
     prefetch_to_device: bool = True
     """CUDA: copy the next batch to the GPU on a side stream while the current step runs."""
     method_options: dict[str, Any] = field(default_factory=dict)
+    """The method's settings (its `Options`); `load_train_config` fills in the method's defaults."""
     data: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def prepare_keys(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
+        """Move the top-level spellings of method settings (METHOD_KEY_ALIASES) under `method_options`."""
+        given = [k for k in METHOD_KEY_ALIASES if k in data]
+        options = data.get("method_options")
+        if not given or not (options is None or isinstance(options, dict)):
+            return data
+        out, options = dict(data), dict(options or {})
+        for key in given:
+            value = out.pop(key)
+            if key in options and options[key] != value:
+                raise ConfigError(f"{source}: key '{key}' is set twice, {value!r} at the top level and "
+                                  f"{options[key]!r} under method_options; keep one")
+            options[key] = value
+        out["method_options"] = options
+        return out
 
 
 def _type_name(tp: Any) -> str:
@@ -230,7 +248,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], source: str = "<config>", prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, naming the key and `source` on any unknown key or wrong type."""
+    """Build dataclass `cls` from a mapping, naming the key and `source` on any unknown key or wrong type.
+    A class with a `prepare_keys(data, source)` classmethod rewrites the mapping first (key aliases)."""
+    prepare = getattr(cls, "prepare_keys", None)
+    if prepare is not None:
+        data = prepare(data, source)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in names]
@@ -262,18 +284,31 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `data` with each `key=value` (dotted for sections) set."""
+    """Return a copy of `data` with each `key=value` (dotted for sections) set. A method setting with a
+    top-level spelling (`beta_dpo=...` or `method_options.beta_dpo=...`) replaces it where `data` sets it."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for text in overrides:
         key, value = parse_override(text)
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
-        node[parts[-1]] = value
+        for parts in _override_targets(out, key.split(".")):
+            node = out
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node[parts[-1]] = value
     return out
+
+
+def _override_targets(data: dict[str, Any], parts: list[str]) -> list[list[str]]:
+    """Where an override goes: the key itself, or, for a method setting of METHOD_KEY_ALIASES, each of its two
+    spellings that `data` already has (so `--set beta_dpo=...` wins over a file's `method_options.beta_dpo`)."""
+    name = parts[-1]
+    spellings = [[name], ["method_options", name]]
+    if name not in METHOD_KEY_ALIASES or parts not in spellings:
+        return [parts]
+    options = data.get("method_options")
+    present = [p for p in spellings if (name in data if len(p) == 1 else isinstance(options, dict) and name in options)]
+    return present or [parts]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -311,14 +346,26 @@ def validate(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: key 'checkpointing_steps' must be positive")
     if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
         raise ConfigError(f"{source}: key 'proportion_empty_prompts' must be in [0, 1)")
-    if not 0.0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError(f"{source}: key 'label_smoothing' must be in [0, 0.5)")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"{source}: key 'learning_rate' must be positive")
     if not cfg.pretrained_model_name_or_path:
         raise ConfigError(f"{source}: key 'pretrained_model_name_or_path' is required (a local folder or hub id)")
     if cfg.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise ConfigError(f"{source}: key 'report_to' must be tensorboard, wandb, all or none")
+    resolve_method_options(cfg, source)
+
+
+def resolve_method_options(cfg: TrainConfig, source: str) -> None:
+    """Check `cfg.method_options` against the chosen method's `Options` (keys it reads, types, values) and
+    fill in its defaults, so the error comes before any model is loaded and the saved config shows them."""
+    from diffusion_po.objectives import get_method_class  # the methods' Options build on this module
+
+    try:
+        method_cls = get_method_class(cfg.method)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc.__cause__
+    options = method_cls.parse_options(cfg.method_options, cfg.method, source)
+    cfg.method_options = dataclasses.asdict(options)
 
 
 def default_num_workers(cfg: TrainConfig, device_type: str, num_processes: int = 1) -> int:

@@ -75,3 +75,88 @@ def test_shipped_configs_validate(name):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     cfg = load_train_config(path)
     assert cfg.method == "dpo"
+
+
+# --- method settings: each lives in its method's Options; top-level spellings are aliases
+
+
+def test_top_level_method_settings_are_aliases_of_method_options(tmp_path):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "beta_dpo": 500, "sft_weight": 0.5})
+    cfg = load_train_config(path)
+    assert not hasattr(cfg, "beta_dpo")
+    assert cfg.method_options == {"beta_dpo": 500.0, "sft_weight": 0.5, "label_smoothing": 0.0}
+    # --set with either spelling; a top-level override replaces the file's method_options value
+    cfg = load_train_config(path, ["beta_dpo=50", "method_options.label_smoothing=0.1"])
+    assert cfg.method_options == {"beta_dpo": 50.0, "sft_weight": 0.5, "label_smoothing": 0.1}
+    nested = write(tmp_path, {"pretrained_model_name_or_path": "m", "method": "npo",
+                              "method_options": {"beta_dpo": 1000}}, "nested.yaml")
+    assert load_train_config(nested).method_options == {"beta_dpo": 1000.0}
+    assert load_train_config(nested, ["beta_dpo=2000"]).method_options == {"beta_dpo": 2000.0}
+
+
+@pytest.mark.parametrize("method,key,value,options", [
+    ("kto", "sft_weight", 2, "beta, lambda_d, lambda_u"),
+    ("mapo", "beta_dpo", 10, "beta_mapo, snr_value"),
+    ("npo", "label_smoothing", 0.2, "beta_dpo"),
+    ("sft", "beta_dpo", 10, "none"),
+])
+def test_a_key_the_method_does_not_read_is_an_error(tmp_path, method, key, value, options):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "method": method, key: value})
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(path)
+    assert str(exc.value).startswith(f"{path}: key '{key}' is not read by method '{method}' (its options: {options})")
+    with pytest.raises(ConfigError, match=f"key '{key}' is not read by method '{method}'"):
+        load_train_config(write(tmp_path, {"pretrained_model_name_or_path": "m", "method": method}),
+                          [f"method_options.{key}={value}"])
+
+
+def test_method_option_typo_suggests_the_key(tmp_path):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "method": "kto", "method_options": {"lamda_d": 2}})
+    with pytest.raises(ConfigError, match=r"'lamda_d' is not read by method 'kto'.*did you mean 'lambda_d'"):
+        load_train_config(path)
+
+
+def test_method_setting_given_twice_is_an_error(tmp_path):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "beta_dpo": 500,
+                            "method_options": {"beta_dpo": 5000}})
+    with pytest.raises(ConfigError, match=r"'beta_dpo' is set twice, 500 at the top level and 5000 under method_options"):
+        load_train_config(path)
+    same = write(tmp_path, {"pretrained_model_name_or_path": "m", "beta_dpo": 500,
+                            "method_options": {"beta_dpo": 500}}, "same.yaml")
+    assert load_train_config(same).method_options["beta_dpo"] == 500.0
+
+
+@pytest.mark.parametrize("method,override,match", [
+    ("dpo", "beta_dpo=0", r"method_options\.beta_dpo must be positive, got 0\.0"),
+    ("dpo", "sft_weight=-1", r"method_options\.sft_weight must be >= 0"),
+    ("robust_dpo", "label_smoothing=0.5", r"method_options\.label_smoothing must be in \(0, 0\.5\) for method robust_dpo"),
+    ("dpo_sft", "beta_dpo=100", r"method_options\.sft_weight must be > 0 for method dpo_sft"),
+    ("dro", "method_options.buffer_size=0", r"method_options\.buffer_size must be positive"),
+    ("self_npo", "method_options.ema_decay=2", r"method_options\.ema_decay must be in \[0, 1\]"),
+    ("kto", "method_options.beta=big", r"method_options\.beta.*must be a number"),
+])
+def test_method_option_values_are_checked_at_load_time(tmp_path, method, override, match):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "method": method})
+    with pytest.raises(ConfigError, match=match) as exc:
+        load_train_config(path, [override])
+    assert str(exc.value).startswith(str(path))
+
+
+def test_unknown_method_names_the_file(tmp_path):
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "method": "dpoo"})
+    with pytest.raises(ConfigError, match=r"cfg\.yaml.*unknown method 'dpoo'; available: .*dcpo.*module:Class"):
+        load_train_config(path)
+
+
+@pytest.mark.parametrize("name", ["sd15_dpo", "sd15_npo_lora", "sd15_kto", "sdxl_dro", "sdxl_self_npo", "toy_dcpo"])
+def test_saved_run_config_round_trips(tmp_path, name):
+    from pathlib import Path
+
+    from diffusion_po.config import save_config, to_dict
+
+    cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml",
+                            ["pretrained_model_name_or_path=m"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_train_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert "beta_dpo" not in yaml.safe_load((tmp_path / "config.yaml").read_text())  # under method_options only

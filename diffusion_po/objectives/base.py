@@ -8,12 +8,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from diffusion_po.config import from_dict
+from diffusion_po.errors import ConfigError
 
 if TYPE_CHECKING:
     from diffusion_po.config import TrainConfig
     from diffusion_po.families import Conditioning, Family
 
 Batch = dict[str, Any]
+"""A collated batch. Methods read `captions` (list[str], one per example), `captions_w`/`captions_l`
+(per-image captions, data.format dcpo) and `labels` (0/1 per image, data.format images) directly; the
+images and their size/crop only through the context (`latents`, `has_images`, `image_sizes`,
+`batch_size`), whose key layout (pixels, cached latents, cached posteriors) is the trainer's business."""
 Metrics = dict[str, Any]
 
 
@@ -25,6 +30,9 @@ class TrainContext(Protocol):
     family: Family
     config: TrainConfig
     device: torch.device
+    process_index: int
+    """This process's rank (0 on a single process)."""
+    num_processes: int
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Standard normal of `shape` (per-process batch first), this process's slice of the global draw."""
@@ -38,6 +46,15 @@ class TrainContext(Protocol):
     def latents(self, batch: Batch, key: str) -> torch.Tensor:
         """Scaled latents of batch images `key` ('w', 'l' or '' for unpaired): VAE-encoded pixels or cached."""
 
+    def has_images(self, batch: Batch, key: str = "") -> bool:
+        """Whether the batch holds images `key` ('w', 'l' or '' for unpaired) in any form (pixels or cached)."""
+
+    def batch_size(self, batch: Batch) -> int:
+        """The number of examples (pairs or images) of this process's batch."""
+
+    def image_sizes(self, batch: Batch | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The images' original sizes and crop offsets (SDXL micro-conditioning), None where the batch has none."""
+
     def encode_prompts(self, prompts: list[str], batch: Batch | None = None, key: str = "") -> Conditioning:
         """Conditioning for prompts (with empty-prompt dropout) and the images' size/crop where the family needs them."""
 
@@ -45,7 +62,8 @@ class TrainContext(Protocol):
         """The trained network's prediction, with gradients."""
 
     def reference_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The frozen reference's prediction (LoRA disabled, or the frozen copy), without gradients."""
+        """The frozen reference's prediction (LoRA disabled, or the frozen copy), without gradients.
+        Only for methods with `needs_reference = True` (else an error: no reference was kept)."""
 
     def autocast(self) -> Any:
         """The run's mixed-precision context, for methods that call networks themselves."""
@@ -62,7 +80,13 @@ class TrainContext(Protocol):
 
 
 class Method:
-    """A training method: how a batch becomes model inputs, and its loss. Subclasses register by `name`."""
+    """A training method: how a batch becomes model inputs, and its loss. Subclasses register by `name`
+    (or are loaded by dotted path, `method: mypkg.losses:IPO`).
+
+    `needs_reference` is the one place a method says whether it uses the frozen reference: the trainer
+    keeps one (a frozen copy for full fine-tunes) only then, and `ctx.reference_predict` refuses otherwise.
+    Every setting of the method is a field of its `Options` dataclass (keys under `method_options:`);
+    `__post_init__` checks their values (raise ConfigError naming `method_options.KEY`)."""
 
     name: ClassVar[str] = ""
     data_formats: ClassVar[tuple[str, ...]] = ("pickapic", "pairs")
@@ -74,7 +98,33 @@ class Method:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.options = from_dict(self.Options, dict(config.method_options), "method_options", "method_options.")
+        self.options = self.parse_options(config.method_options, config.method)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The keys the method reads under `method_options`."""
+        return [f.name for f in dataclasses.fields(cls.Options)]
+
+    @classmethod
+    def parse_options(cls, method_options: dict[str, Any], method: str | None = None,
+                      source: str = "method_options") -> Any:
+        """The method's `Options` from a `method_options` mapping; a key it does not read, a wrong type or
+        a bad value is a ConfigError naming the key, the method and `source`."""
+        method = method or cls.name or cls.__name__
+        fields = cls.option_names()
+        unknown = [k for k in method_options if k not in fields]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: key '{unknown[0]}' is not read by method '{method}' "
+                              f"(its options: {', '.join(fields) or 'none'}){hint}")
+        try:
+            return from_dict(cls.Options, dict(method_options), source, "method_options.")
+        except ConfigError as exc:  # a value check of Options.__post_init__ does not know the source
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith(f"{source}:") else f"{source}: {msg}") from None
 
     def compute_loss(self, ctx: TrainContext, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError
@@ -93,6 +143,12 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+
+
+def check_option(ok: bool, key: str, requirement: str, value: Any) -> None:
+    """For `Options.__post_init__`: a ConfigError `method_options.KEY must REQUIREMENT, got VALUE` unless ok."""
+    if not ok:
+        raise ConfigError(f"method_options.{key} must {requirement}, got {value!r}")
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -18,6 +18,8 @@ falls back to the shared caption there, i.e. plain DPO).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from diffusion_po.errors import DataError
@@ -44,6 +46,10 @@ class DCPO(Method):
     name = "dcpo"
     data_formats = ("dcpo",)
 
+    @dataclasses.dataclass
+    class Options(dpo.BetaOptions):
+        pass
+
     def compute_loss(self, ctx: TrainContext, batch: Batch):
         if "captions_w" not in batch or "captions_l" not in batch:
             if "prompt_cond" in batch:
@@ -53,4 +59,4 @@ class DCPO(Method):
                 )
             raise DataError("method dcpo needs per-image captions (data.format: dcpo, columns caption_0/caption_1)")
         e = paired_errors(ctx, batch, batch["captions_w"], batch["captions_l"])
-        return loss(e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"], beta=self.config.beta_dpo)
+        return loss(e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"], beta=self.options.beta_dpo)

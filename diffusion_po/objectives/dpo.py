@@ -9,18 +9,32 @@
 bracket is kappa = beta / 2 = 2500. The diffusers SD1.5 LoRA example has no 1/2: its beta 2500 equals
 beta_dpo 5000 here; its SDXL example matches this convention. NPO-SD1.5's beta 500 (no 1/2) is 1000 here.
 
-Options: `sft_weight` adds alpha * mean(err_w) (DPO+SFT, "RPO"); `label_smoothing` eps > 0 gives the
-robust (label-flip de-biased, Chowdhury et al.) form
+Options (`method_options`, or the top-level spellings of the diffusers scripts): `beta_dpo`; `sft_weight`
+adds alpha * mean(err_w) (DPO+SFT, "RPO"); `label_smoothing` eps > 0 gives the robust (label-flip
+de-biased, Chowdhury et al.) form
     [(1 - eps) * -log sigmoid(z) - eps * -log sigmoid(-z)] / (1 - 2 eps).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
+from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, check_option, register_method
 from diffusion_po.objectives.paired import paired_errors
+
+
+@dataclasses.dataclass
+class BetaOptions:
+    """The setting every method on the DPO implicit reward has (dpo, npo, dcpo, robust_dpo, dpo_sft)."""
+
+    beta_dpo: float = 5000.0
+    """DPO beta in the original repository's convention: z = -(beta/2) * (model_diff - ref_diff)."""
+
+    def __post_init__(self) -> None:
+        check_option(self.beta_dpo > 0, "beta_dpo", "be positive", self.beta_dpo)
 
 
 def implicit_reward_z(err_w, err_l, ref_err_w, ref_err_l, beta: float) -> torch.Tensor:
@@ -69,14 +83,26 @@ def loss(
 
 @register_method
 class DiffusionDPO(Method):
-    """Pairs from a preference data set; beta, SFT weight and label smoothing from the top-level keys."""
+    """Pairs from a preference data set; options beta_dpo, sft_weight and label_smoothing."""
 
     name = "dpo"
 
+    @dataclasses.dataclass
+    class Options(BetaOptions):
+        sft_weight: float = 0.0
+        """alpha of the SFT term alpha * mean(err_w) (0: none)."""
+        label_smoothing: float = 0.0
+        """eps of the robust (label-flip de-biased) form, in [0, 0.5) (0: plain DPO)."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_option(self.sft_weight >= 0, "sft_weight", "be >= 0", self.sft_weight)
+            check_option(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "be in [0, 0.5)", self.label_smoothing)
+
     def compute_loss(self, ctx: TrainContext, batch: Batch):
         e = paired_errors(ctx, batch)
-        cfg = self.config
+        o = self.options
         return loss(
             e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"],
-            beta=cfg.beta_dpo, sft_weight=cfg.sft_weight, label_smoothing=cfg.label_smoothing,
+            beta=o.beta_dpo, sft_weight=o.sft_weight, label_smoothing=o.label_smoothing,
         )

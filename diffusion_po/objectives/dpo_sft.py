@@ -7,11 +7,12 @@ z as in Diffusion-DPO; alpha = `sft_weight` (must be > 0); the same noise and t 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from diffusion_po.errors import ConfigError
 from diffusion_po.objectives import dpo
-from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
+from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, check_option, register_method
 from diffusion_po.objectives.paired import paired_errors
 
 
@@ -33,13 +34,17 @@ class DPOSFT(Method):
 
     name = "dpo_sft"
 
-    def __init__(self, config):
-        super().__init__(config)
-        if not config.sft_weight > 0:
-            raise ConfigError("method dpo_sft needs sft_weight (the weight alpha of the SFT term) > 0")
+    @dataclasses.dataclass
+    class Options(dpo.BetaOptions):
+        sft_weight: float = 0.0
+        """alpha, the weight of the SFT term (required, > 0)."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_option(self.sft_weight > 0, "sft_weight", "be > 0 for method dpo_sft (the weight alpha of the "
+                         "SFT term)", self.sft_weight)
 
     def compute_loss(self, ctx: TrainContext, batch: Batch):
         e = paired_errors(ctx, batch)
-        cfg = self.config
-        return loss(e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"], beta=cfg.beta_dpo,
-                    sft_weight=cfg.sft_weight)
+        o = self.options
+        return loss(e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"], beta=o.beta_dpo, sft_weight=o.sft_weight)

@@ -91,12 +91,14 @@ class DiffusionDRO(Method):
         buffer_offload: bool = True
         """Keep the buffer on the CPU."""
 
+        def __post_init__(self) -> None:
+            for key in ("buffer_size", "buffer_sample_steps", "policy_refresh_steps", "sampler_steps"):
+                if getattr(self, key) <= 0:
+                    raise ConfigError(f"method_options.{key} must be positive, got {getattr(self, key)!r}")
+
     def __init__(self, config):
         super().__init__(config)
         o = self.options
-        for key in ("buffer_size", "buffer_sample_steps", "policy_refresh_steps", "sampler_steps"):
-            if getattr(o, key) <= 0:
-                raise ConfigError(f"method_options.{key} must be positive")
         if o.sampler not in SOLVERS:
             raise ConfigError(f"method_options.sampler must be one of {', '.join(SOLVERS)}")
         self.buffer = ReplayBuffer(o.buffer_size, offload=o.buffer_offload)
@@ -107,11 +109,8 @@ class DiffusionDRO(Method):
     def setup(self, ctx: TrainContext) -> None:
         """The sampling snapshot: a frozen copy of the network as training starts."""
         self.snapshot = frozen_copy(trainable_network(ctx))
-        if hasattr(ctx, "speed_up"):  # the run's speed switches (a deep copy is not compiled)
-            ctx.speed_up(self.snapshot)
-        acc = getattr(ctx, "accelerator", None)
-        if acc is not None:
-            self.generator.manual_seed(int(ctx.config.seed) * 7919 + 17 + acc.process_index)
+        ctx.speed_up(self.snapshot)  # the run's speed switches (a deep copy is not compiled)
+        self.generator.manual_seed(int(ctx.config.seed) * 7919 + 17 + ctx.process_index)
 
     def state_dict(self) -> dict:
         return {"micro_step": self.micro_step}
@@ -140,8 +139,7 @@ class DiffusionDRO(Method):
         timesteps = jittered_timesteps(fam.num_train_timesteps, o.sampler_steps, offsets)
         uncond = None
         if o.buffer_guidance_scale != 1.0:
-            empty = fam.encode_prompts([""] * n, batch.get("original_sizes"), batch.get("crop_top_lefts"),
-                                       ctx.config.resolution)
+            empty = fam.encode_prompts([""] * n, *ctx.image_sizes(batch), ctx.config.resolution)
             uncond = {k: v.to(cond[k].device, cond[k].dtype) for k, v in empty.items()}
         snapshot = self.snapshot
 
@@ -166,7 +164,7 @@ class DiffusionDRO(Method):
         if len(self.buffer) == 0 or self.micro_step % o.buffer_sample_steps == 0:
             self.fill(ctx, batch)
         self.micro_step += 1
-        n = int(batch["size"]) if "size" in batch else len(batch["captions"])
+        n = ctx.batch_size(batch)
         s = self.buffer.sample(n, self.generator, device=ctx.device)
         x0, t, cond = s["x0"].float(), s["t"], s["cond"]
         eps_bar = ctx.randn(tuple(x0.shape))

@@ -20,7 +20,7 @@ import torch
 
 from diffusion_po.errors import DataError
 from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
-from diffusion_po.objectives.unpaired import all_reduce_mean, image_errors
+from diffusion_po.objectives.unpaired import image_errors
 
 
 def loss(
@@ -77,7 +77,7 @@ class DiffusionKTO(Method):
         """Weight of undesirable images."""
 
     def compute_loss(self, ctx: TrainContext, batch: Batch):
-        if "pixels_w" in batch or "latents_w" in batch or "latent_mean_w" in batch:
+        if ctx.has_images(batch, "w"):
             x0 = torch.cat([ctx.latents(batch, "w"), ctx.latents(batch, "l")])
             n = x0.shape[0] // 2
             labels = torch.cat([torch.ones(n), torch.zeros(n)])
@@ -96,4 +96,4 @@ class DiffusionKTO(Method):
         g_mean = (e["ref_err"].float() - e["err"].float()).mean()
         o = self.options
         return loss(e["err"], e["ref_err"], labels, beta=o.beta, lambda_d=o.lambda_d, lambda_u=o.lambda_u,
-                    reference_point=all_reduce_mean(ctx, g_mean))
+                    reference_point=ctx.all_reduce_mean(g_mean))

@@ -13,6 +13,8 @@ beta 500, which is `beta_dpo: 1000` here; the NPO-SDXL launcher (with the 1/2) u
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from diffusion_po.config import TrainConfig
@@ -49,6 +51,10 @@ class DiffusionNPO(Method):
 
     name = "npo"
 
+    @dataclasses.dataclass
+    class Options(dpo.BetaOptions):
+        pass
+
     def __init__(self, config: TrainConfig):
         super().__init__(config)
         # The data loader swaps winner and loser; the resolved config saved with the run shows it.
@@ -56,4 +62,4 @@ class DiffusionNPO(Method):
 
     def compute_loss(self, ctx: TrainContext, batch: Batch):
         e = paired_errors(ctx, batch)
-        return loss(e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"], beta=self.config.beta_dpo)
+        return loss(e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"], beta=self.options.beta_dpo)

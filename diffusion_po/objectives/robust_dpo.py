@@ -10,11 +10,12 @@ Method `robust_dpo` reads `label_smoothing` (must be > 0) and `beta_dpo`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from diffusion_po.errors import ConfigError
 from diffusion_po.objectives import dpo
-from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
+from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, check_option, register_method
 from diffusion_po.objectives.paired import paired_errors
 
 
@@ -38,13 +39,18 @@ class RobustDPO(Method):
 
     name = "robust_dpo"
 
-    def __init__(self, config):
-        super().__init__(config)
-        if not config.label_smoothing > 0:
-            raise ConfigError("method robust_dpo needs label_smoothing (the label-flip rate eps) in (0, 0.5)")
+    @dataclasses.dataclass
+    class Options(dpo.BetaOptions):
+        label_smoothing: float = 0.0
+        """eps, the label-flip rate (required, in (0, 0.5))."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_option(0.0 < self.label_smoothing < 0.5, "label_smoothing", "be in (0, 0.5) for method robust_dpo "
+                         "(the label-flip rate eps)", self.label_smoothing)
 
     def compute_loss(self, ctx: TrainContext, batch: Batch):
         e = paired_errors(ctx, batch)
-        cfg = self.config
-        return loss(e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"], beta=cfg.beta_dpo,
-                    epsilon=cfg.label_smoothing)
+        o = self.options
+        return loss(e["err_w"], e["err_l"], e["ref_err_w"], e["ref_err_l"], beta=o.beta_dpo,
+                    epsilon=o.label_smoothing)

@@ -113,13 +113,14 @@ class SelfNPO(Method):
         """Guidance (same convention) of the teacher rollout that makes starting states when the data
         has no images; 0 = the conditional prediction."""
 
+        def __post_init__(self) -> None:
+            if self.num_ddim_timesteps <= 0 or self.teacher_steps <= 0:
+                raise ConfigError("method_options.num_ddim_timesteps and teacher_steps must be positive")
+            if not 0.0 <= self.ema_decay <= 1.0:
+                raise ConfigError(f"method_options.ema_decay must be in [0, 1], got {self.ema_decay!r}")
+
     def __init__(self, config):
         super().__init__(config)
-        o = self.options
-        if o.num_ddim_timesteps <= 0 or o.teacher_steps <= 0:
-            raise ConfigError("method_options.num_ddim_timesteps and teacher_steps must be positive")
-        if not 0.0 <= o.ema_decay <= 1.0:
-            raise ConfigError("method_options.ema_decay must be in [0, 1]")
         self.teacher: torch.nn.Module | None = None
         self._empty: Conditioning | None = None
 
@@ -128,8 +129,7 @@ class SelfNPO(Method):
         """Make the EMA teacher: a frozen copy of the network as training starts."""
         student = trainable_network(ctx)
         self.teacher = frozen_copy(student)
-        if hasattr(ctx, "speed_up"):  # the run's speed switches (a deep copy is not compiled)
-            ctx.speed_up(self.teacher)
+        ctx.speed_up(self.teacher)  # the run's speed switches (a deep copy is not compiled)
         # only these differ between teacher and student (all of them for full fine-tuning, the LoRA weights otherwise)
         self._trainable = {n for n, p in student.named_parameters() if p.requires_grad}
         name = ctx.family.name
@@ -229,8 +229,7 @@ class SelfNPO(Method):
         ratio = T // o.num_ddim_timesteps
         k = (ctx.rand(n).cpu() * o.num_ddim_timesteps).long().clamp(max=o.num_ddim_timesteps - 1)
         t_s = grid[k]
-        has_images = any(key in batch for key in ("pixels", "latents", "latent_mean"))
-        if has_images:
+        if ctx.has_images(batch, ""):
             x0 = ctx.latents(batch, "")
             x = fam.noisy_latents(x0, ctx.randn(tuple(x0.shape)), t_s.to(x0.device))
         else:  # the model's own samples: plain DDIM from pure noise at tau_{N-1} down to t_s

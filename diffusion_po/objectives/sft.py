@@ -39,11 +39,11 @@ class SFT(Method):
     needs_reference = False
 
     def compute_loss(self, ctx: TrainContext, batch: Batch):
-        if any(k in batch for k in ("pixels_w", "latents_w", "latent_mean_w")):
+        if ctx.has_images(batch, "w"):
             x0 = ctx.latents(batch, "w")
             captions = batch.get("captions_w") or batch["captions"]
             weights = None
-        elif any(k in batch for k in ("pixels", "latents", "latent_mean")):
+        elif ctx.has_images(batch, ""):
             x0 = ctx.latents(batch, "")
             captions = batch["captions"]
             weights = batch["labels"].float() if "labels" in batch else None

@@ -3,9 +3,6 @@ noise and timestep, and all images of the batch run through the network in one b
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import torch
 
 from diffusion_po.families import Conditioning, per_sample_error
@@ -34,30 +31,11 @@ def image_errors(
     return out
 
 
-def autocast(ctx: Any):
-    """The trainer's autocast context (`ctx.autocast()` or `ctx.accelerator.autocast()`), else a no-op."""
-    if callable(getattr(ctx, "autocast", None)):
-        return ctx.autocast()
-    acc = getattr(ctx, "accelerator", None)
-    if acc is not None:
-        return acc.autocast()
-    return contextlib.nullcontext()
+def autocast(ctx: TrainContext):
+    """The run's mixed-precision context (`ctx.autocast()`), for teacher and snapshot forwards."""
+    return ctx.autocast()
 
 
-def all_reduce_mean(ctx: Any, value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar over all processes (`ctx.all_reduce_mean`, else accelerate's reduce), no grad."""
-    value = value.detach()
-    if callable(getattr(ctx, "all_reduce_mean", None)):
-        return ctx.all_reduce_mean(value)
-    acc = getattr(ctx, "accelerator", None)
-    if acc is not None and acc.num_processes > 1:
-        return acc.reduce(value.reshape(1).to(acc.device), reduction="mean").reshape(())
-    return value
-
-
-def trainable_network(ctx: Any) -> torch.nn.Module:
-    """The unwrapped network being trained (for snapshots and EMA teachers)."""
-    net = getattr(ctx, "trainable_network", None)
-    if net is None:
-        raise RuntimeError("this method needs `ctx.trainable_network` from the trainer")
-    return net
+def trainable_network(ctx: TrainContext) -> torch.nn.Module:
+    """The unwrapped network being trained (`ctx.trainable_network`), for snapshots and EMA teachers."""
+    return ctx.trainable_network

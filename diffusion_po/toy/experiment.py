@@ -96,9 +96,22 @@ def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: 
     data["output_dir"] = str(output_dir)
     data["data"]["data_files"] = [str(pairs_file)]
     data["data"]["format"] = data["data"].get("format", "pickapic")
+    _drop_unread_method_defaults(data, shipped)
     cfg = from_dict(TrainConfig, data, source)
     validate(cfg, source)
     return cfg
+
+
+def _drop_unread_method_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """The DPO defaults' method settings (beta_dpo) carry over to another method only if it reads them (npo,
+    robust_dpo, ...); for the others (kto, mapo, sft, ...) they are dropped, not an error. In place."""
+    from diffusion_po.config import METHOD_KEY_ALIASES
+    from diffusion_po.objectives import get_method_class
+
+    reads = get_method_class(data.get("method", "dpo")).option_names()
+    for key in METHOD_KEY_ALIASES:
+        if key in defaults and key not in reads and data.get(key) == defaults[key]:
+            del data[key]
 
 
 def eval_seeds(n: int, seed: int) -> list[int]:
@@ -335,9 +348,9 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
 
 
 def _cfg_summary(cfg: Any) -> dict[str, Any]:
-    keys = ("method", "learning_rate", "beta_dpo", "train_batch_size", "max_train_steps", "use_lora", "rank",
-            "checkpointing_steps", "sft_weight", "label_smoothing", "seed")
-    return {k: getattr(cfg, k) for k in keys}
+    keys = ("method", "learning_rate", "train_batch_size", "max_train_steps", "use_lora", "rank",
+            "checkpointing_steps", "seed")
+    return {**{k: getattr(cfg, k) for k in keys}, **cfg.method_options}  # beta_dpo, sft_weight, ...
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

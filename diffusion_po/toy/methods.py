@@ -143,7 +143,7 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
                "n_test_items": len(sel.test_prompts), "n_test_prompts": len(set(sel.test_prompts))}
     results.update(method=method, data=data_info, run=asdict(run), threads=torch.get_num_threads(),
                    timings_s={k: round(v, 1) for k, v in timings.items()},
-                   train_config={k: getattr(cfg, k) for k in ("method", "learning_rate", "beta_dpo", "train_batch_size",
+                   train_config={k: getattr(cfg, k) for k in ("method", "learning_rate", "train_batch_size",
                                                                "max_train_steps", "use_lora", "method_options")})
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_report(results, out / "report.md")

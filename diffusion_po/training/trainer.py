@@ -67,18 +67,19 @@ class Context:
         self.family: Family = trainer.family
         self.config: TrainConfig = trainer.cfg
         self.device: torch.device = trainer.accelerator.device
+        self.process_index: int = trainer.accelerator.process_index
+        self.num_processes: int = trainer.accelerator.num_processes
         # on the training device: the draws need no host-to-device copy (and no synchronisation)
         self.generator = torch.Generator(device=self.device).manual_seed(trainer.cfg.seed)
 
     # --- random draws: global, sliced per process
     def _slice(self, full: torch.Tensor, n: int) -> torch.Tensor:
-        acc = self._t.accelerator
-        lo = acc.process_index * self.config.train_batch_size
+        lo = self.process_index * self.config.train_batch_size
         return full[lo : lo + n]
 
     def _global_n(self, n: int) -> int:
         per = max(n, self.config.train_batch_size)
-        return per * self._t.accelerator.num_processes
+        return per * self.num_processes
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         full = torch.randn((self._global_n(shape[0]), *shape[1:]), generator=self.generator, device=self.device)
@@ -92,6 +93,21 @@ class Context:
         return self._slice(full, n).to(self.device)
 
     # --- inputs
+    IMAGE_KEYS = ("latents", "latent_mean", "pixels")
+    """The forms images `key` take in a batch: `latents_KEY`, `latent_mean_KEY` (+ `latent_std_KEY`), `pixels_KEY`."""
+
+    def has_images(self, batch: dict[str, Any], key: str = "") -> bool:
+        suffix = f"_{key}" if key else ""
+        return any(f"{kind}{suffix}" in batch for kind in self.IMAGE_KEYS)
+
+    def batch_size(self, batch: dict[str, Any]) -> int:
+        return int(batch["size"]) if "size" in batch else len(batch["captions"])
+
+    def image_sizes(self, batch: dict[str, Any] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not batch:
+            return None, None
+        return batch.get("original_sizes"), batch.get("crop_top_lefts")
+
     def latents(self, batch: dict[str, Any], key: str) -> torch.Tensor:
         suffix = f"_{key}" if key else ""
         if f"latents{suffix}" in batch:
@@ -113,8 +129,7 @@ class Context:
             prompts = ["" if d else text for d, text in zip(drop.tolist(), prompts)]
         if batch is not None and "prompt_cond" in batch and p == 0:  # precomputed embeddings (data cache)
             return cond_to(batch["prompt_cond"], self.device)
-        sizes = batch.get("original_sizes") if batch else None
-        crops = batch.get("crop_top_lefts") if batch else None
+        sizes, crops = self.image_sizes(batch)
         table = batch.get("prompt_table") if batch else None
         if table is not None:  # the data cache: embeddings of every caption of the batch, and of ""
             rows = [table["index"].get(text) for text in prompts]
@@ -131,6 +146,10 @@ class Context:
             return self.family.predict(self._t.network, self._t.network_input(x_t), t, cond)
 
     def reference_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        method = self._t.method
+        if not method.needs_reference:  # no frozen copy was kept: the "reference" would be the live policy
+            raise RuntimeError(f"method '{self.config.method}' calls ctx.reference_predict but declares "
+                            f"needs_reference = False; set needs_reference = True on {type(method).__name__}")
         inference = self.config.reference_inference_mode
         with torch.inference_mode() if inference else torch.no_grad():
             with self._t.reference_network() as ref, self._t.accelerator.autocast():
@@ -146,7 +165,7 @@ class Context:
         """Mean of a scalar over all processes (e.g. KTO's batch reference point), without grad."""
         acc = self._t.accelerator
         value = value.detach()
-        if acc.num_processes == 1:
+        if self.num_processes == 1:
             return value
         return acc.reduce(value.reshape(1).to(acc.device), reduction="mean").reshape(())
 
@@ -160,10 +179,6 @@ class Context:
     def trainable_network(self) -> torch.nn.Module:
         """The unwrapped network being trained (for methods that snapshot it, e.g. an EMA teacher)."""
         return self._t.accelerator.unwrap_model(self._t.network)
-
-    @property
-    def accelerator(self):
-        return self._t.accelerator
 
 
 class Trainer:
