@@ -104,6 +104,7 @@ def test_toy_trainer_config_comes_from_the_shipped_yaml(tmp_path):
     section key by key), then --set overrides."""
     import yaml
 
+    from diffusion_po.config import METHOD_KEY_ALIASES
     from diffusion_po.shipped import config_path
     from diffusion_po.toy.experiment import ToyRunConfig, trainer_config
 
@@ -113,6 +114,8 @@ def test_toy_trainer_config_comes_from_the_shipped_yaml(tmp_path):
         if key == "data":
             for k, v in value.items():
                 assert getattr(cfg.data, k) == v, k
+        elif key in METHOD_KEY_ALIASES:  # method settings live in method_options
+            assert cfg.method_options[key] == value, key
         else:
             assert getattr(cfg, key) == value, key
     assert cfg.data.data_files == [str(tmp_path / "p.parquet")]
