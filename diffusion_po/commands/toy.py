@@ -4,6 +4,11 @@
     diffusion-po toy build [--out DIR] [--seed 0] [--steps 3000] [--vae-steps 1200] [--images 40000]
     diffusion-po toy pairs --out pairs.parquet [--n 1000] [--seed 0] [--label-noise 0.1] [--model DIR]
     diffusion-po toy eval  [--model DIR] [--unet DIR | --lora DIR] [--n 263] [--out scores.jsonl]
+    diffusion-po toy prompts --out prompts.txt [--split test] [--n 263]   # captions for `eval generate`
+    diffusion-po toy base                                                 # prints the base model folder
+
+With `toy prompts` and `toy base` the general eval flow runs on the toy world, offline, scored by the
+oracle: `eval generate --model $(diffusion-po toy base) --prompts prompts.txt`, `eval score --metrics toy`.
 """
 
 from __future__ import annotations
@@ -79,6 +84,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", default=None, help="write a PNG grid of the first 32 samples")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run_eval)
+
+    p = verbs.add_parser("prompts", help="held-out toy captions as a prompt file for `eval generate`")
+    p.add_argument("--out", required=True, help="prompt file to write (.txt, one caption a line)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--n", type=int, default=263, help="number of captions (263 = every test caption once)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(func=run_prompts)
+
+    p = verbs.add_parser("base", help="print the toy base model folder (shipped, or cached build)")
+    p.set_defaults(func=run_base)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
 
@@ -192,4 +207,22 @@ def run_eval(args: argparse.Namespace) -> int:
         cols = min(8, len(shown))
         grid = make_grid(shown, cols)
         grid.resize((grid.width * 3, grid.height * 3), 0).save(args.grid)
+    return 0
+
+
+def run_prompts(args: argparse.Namespace) -> int:
+    from diffusion_po.toy import world
+
+    _check_positive(n=args.n)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(world.held_out_prompts(args.n, args.seed, split=args.split)) + "\n")
+    print(out)
+    return 0
+
+
+def run_base(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.build import ensure_base
+
+    print(ensure_base())
     return 0
