@@ -143,3 +143,19 @@ def test_guider_config_and_errors():
     with pytest.raises(ValueError, match="negative_model"):
         NPOGuidance(guidance_scale=5.0)
     assert PerpNegGuidance(guidance_scale=1.0).num_conditions == 1  # scale 1: the prompt alone, as CFG
+
+
+def test_perp_neg_guider_from_block_state_inputs():
+    """The block-state entry point (used by other modular pipelines): cond, negative and a zero empty prompt."""
+    from diffusers.modular_pipelines.modular_pipeline import BlockState
+
+    cond, neg = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    state = BlockState(prompt_embeds=cond, negative_prompt_embeds=neg, timestep=torch.tensor(5))
+    fields = {"encoder_hidden_states": ("prompt_embeds", "negative_prompt_embeds"), "timestep": "timestep"}
+    batches = PerpNegGuidance(guidance_scale=5.0).prepare_inputs_from_block_state(state, fields)
+    by_name = {b.__guidance_identifier__: b for b in batches}
+    assert set(by_name) == {"pred_cond", "pred_neg", "pred_uncond"}
+    assert torch.equal(by_name["pred_cond"].encoder_hidden_states, cond)
+    assert torch.equal(by_name["pred_neg"].encoder_hidden_states, neg)
+    assert torch.equal(by_name["pred_uncond"].encoder_hidden_states, torch.zeros_like(cond))
+    assert torch.equal(by_name["pred_uncond"].timestep, torch.tensor(5))

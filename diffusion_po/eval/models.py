@@ -119,6 +119,7 @@ SCORER_FILES: dict[str, tuple[str, ...]] = {
     "clip_openclip": ("clip_openclip",),
     "aesthetic": ("aesthetic", "clip"),
     "imagereward": ("imagereward", "bert_base_uncased"),
+    "toy": (),  # the toy world's oracle: no weights
 }
 
 
