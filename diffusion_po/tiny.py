@@ -16,6 +16,22 @@ import torch
 
 FAMILIES = ("sd", "sdxl", "sd3")
 
+#: written into every folder of random test weights (these pipelines, the tiny scorers of
+#: diffusion_po.eval.testing), so that scores computed from them say so (`scores_meta.json`)
+RANDOM_WEIGHTS_MARKER = "RANDOM_TEST_WEIGHTS"
+
+
+def mark_random_weights(folder: str | Path) -> None:
+    """Mark ``folder`` as holding random (untrained) test weights."""
+    (Path(folder) / RANDOM_WEIGHTS_MARKER).write_text("random-initialised test weights: scores mean nothing\n")
+
+
+def has_random_weights(path: str | Path) -> bool:
+    """Whether ``path`` (a model folder, or a checkpoint file in one) was marked by :func:`mark_random_weights`."""
+    p = Path(path).expanduser()
+    folder = p if p.is_dir() else p.parent
+    return p.exists() and (folder / RANDOM_WEIGHTS_MARKER).is_file()
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte-to-unicode table of OpenAI's CLIP BPE (same in open_clip and transformers)."""
@@ -205,4 +221,5 @@ def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0, **kwargs)
     folder = Path(folder)
     pipe = build_tiny_pipeline(family, seed=seed, **kwargs)
     pipe.save_pretrained(folder, safe_serialization=True)
+    mark_random_weights(folder)
     return folder

@@ -1,6 +1,7 @@
 """`diffusion-po data`: data-set tools.
 
     diffusion-po data cache CONFIG [--set key=value ...] [--format pickapic] [--output DIR] [--dtype fp16]
+    diffusion-po data download 'pickapic_v2_no_images/*.parquet' --out DIR   # image URLs -> a trainable folder
 
 `cache` encodes the config's data set once (VAE posteriors, text conditioning) for `data.format: cache`
 (see docs/performance.md). Other subcommands (captions, experts) are registered by their modules.
@@ -15,6 +16,7 @@ import importlib
 EXTRA_SUBCOMMANDS = [
     ("diffusion_po.data.captions", "register_captions"),
     ("diffusion_po.data.experts", "register_experts"),
+    ("diffusion_po.data.download", "register_download"),
 ]
 
 

@@ -18,7 +18,8 @@ from diffusion_po.errors import UserError
 # ---------------------------------------------------------------------------------------- arguments
 def _add_scorer_args(p: argparse.ArgumentParser, metrics_required: bool = True) -> None:
     p.add_argument("--metrics", required=metrics_required, default=None,
-                   help="comma-separated scorers: pickscore, hps_v2, hps_v2.1, clip, clip_openclip, aesthetic, imagereward")
+                   help="comma-separated scorers: pickscore, hps_v2, hps_v2.1, clip, clip_openclip, aesthetic, imagereward, "
+                        "toy (the toy world's oracle)")
     p.add_argument("--models-root", default=None,
                    help="folder with the scorer files in the flat layout (no network access when set; "
                         "default $DIFFUSION_PO_MODELS_ROOT)")

@@ -1,6 +1,6 @@
 r"""`diffusion-po sample`: generate images with CFG, negative prompts, Perp-Neg or NPO guidance.
 
-    diffusion-po sample --model runwayml/stable-diffusion-v1-5 --prompt "a red circle and a blue square" \
+    diffusion-po sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a red circle and a blue square" \
         --negative-prompt "red:1.5" --guidance perp-neg --guidance-scale 7.5 --seeds 0-7 --output-dir out/
     diffusion-po sample --model sd15 --npo-lora out/npo --prompts prompts.jsonl --grid
 

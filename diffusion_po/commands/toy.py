@@ -10,6 +10,11 @@ experiments of docs/methods.md and docs/sampling.md, evaluate).
     diffusion-po toy scales [--scales 1,2,4,8] [--val 152]
     diffusion-po toy shift CHECKPOINT
     diffusion-po toy perp-neg [--out runs/toy_perp_neg] [--n 240]
+    diffusion-po toy prompts --out prompts.txt [--split test] [--n 263]   # captions for `eval generate`
+    diffusion-po toy base                                                 # prints the base model folder
+
+With `toy prompts` and `toy base` the general eval flow runs on the toy world, offline, scored by the
+oracle: `eval generate --model $(diffusion-po toy base) --prompts prompts.txt`, `eval score --metrics toy`.
 """
 
 from __future__ import annotations
@@ -87,6 +92,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run_eval)
     _register_experiments(verbs)
+
+    p = verbs.add_parser("prompts", help="held-out toy captions as a prompt file for `eval generate`")
+    p.add_argument("--out", required=True, help="prompt file to write (.txt, one caption a line)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--n", type=int, default=263, help="number of captions (263 = every test caption once)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(func=run_prompts)
+
+    p = verbs.add_parser("base", help="print the toy base model folder (shipped, or cached build)")
+    p.set_defaults(func=run_base)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
 
@@ -320,4 +335,19 @@ def run_perp_neg(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     res = run(args.out, args.model, args.n, args.seed, args.sample_steps, args.guidance)
     print(json.dumps(res, indent=2))
+def run_prompts(args: argparse.Namespace) -> int:
+    from diffusion_po.toy import world
+
+    _check_positive(n=args.n)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(world.held_out_prompts(args.n, args.seed, split=args.split)) + "\n")
+    print(out)
+    return 0
+
+
+def run_base(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.build import ensure_base
+
+    print(ensure_base())
     return 0

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "presets in configs/accelerate/)."
         ),
     )
-    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("config", help="YAML config file, or a shipped recipe name (`diffusion-po configs list`)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable; dotted keys for sections, e.g. data.strict=true)")
     parser.add_argument("--method", help="shortcut for --set method=NAME")
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffusion_po.config import load_train_config
+    from diffusion_po.shipped import config_path
     from diffusion_po.training.trainer import train
 
     overrides = list(args.overrides)
@@ -36,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     if args.resume:
         overrides.append(f"resume_from_checkpoint={args.resume}")
-    cfg = load_train_config(args.config, overrides)
+    cfg = load_train_config(config_path(args.config), overrides)
     train(cfg, config_source=args.config)
     return 0

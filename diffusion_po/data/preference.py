@@ -49,8 +49,34 @@ def _expand_files(patterns: list[str]) -> list[str]:
         matches = sorted(glob.glob(str(Path(pattern).expanduser())))
         if not matches:
             raise DataError(f"data file not found: {pattern} (data.data_files); check the path or glob")
-        files.extend(matches)
+        for match in matches:
+            files.extend(_folder_files(Path(match)) if Path(match).is_dir() else [match])
     return files
+
+
+#: what a folder in data.data_files contributes: its files of the first kind it has, searched recursively
+FOLDER_KINDS = ((".parquet",), (".jsonl", ".json"), (".csv",))
+
+
+def _folder_files(folder: Path) -> list[str]:
+    """The data files under `folder` (parquet, else jsonl/json, else csv), skipping hidden files and folders."""
+    found = [p for p in sorted(folder.rglob("*"))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    for suffixes in FOLDER_KINDS:
+        chosen = [str(p) for p in found if p.suffix.lower() in suffixes]
+        if chosen:
+            return chosen
+    raise DataError(f"data folder {folder} has no .parquet, .jsonl/.json or .csv files (data.data_files)")
+
+
+def _check_no_images_layout(columns: list[str] | None, fmt: str, source: str) -> None:
+    """Pick-a-Pic rows with image URLs instead of bytes (pickapic_v2_no_images) need the download step first."""
+    if fmt in ("pickapic", "dcpo") and columns and "image_0_url" in columns and "jpg_0" not in columns:
+        raise DataError(
+            f"{source}: these rows have image URLs (image_0_url/image_1_url) but no jpg_0/jpg_1: the "
+            "pickapic_v2_no_images layout. Download the images once with `diffusion-po data download "
+            "FILES --out DIR` and train on data.data_files: [DIR]"
+        )
 
 
 def _builder_for(files: list[str]) -> str:
@@ -97,6 +123,7 @@ def load_rows(cfg: DataConfig, streaming: bool | None = None):
             ) from exc
     else:
         raise DataError("no data given: set data.data_files (local parquet/jsonl/csv files) or data.dataset_name")
+    _check_no_images_layout(ds.column_names, cfg.format, source)
     _check_columns(ds.column_names, cfg.format, source)
     return ds, source
 

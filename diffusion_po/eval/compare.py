@@ -228,6 +228,8 @@ def compare_runs(
     result["b"]["path"] = str(b)
     result["a"]["throughput"] = meta_a.get("throughput")
     result["b"]["throughput"] = meta_b.get("throughput")
+    result["a"]["random_weights"] = meta_a.get("random_weights")
+    result["b"]["random_weights"] = meta_b.get("random_weights")
     return result
 
 

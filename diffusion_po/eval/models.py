@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffusion_po.errors import ModelLoadError
+from diffusion_po.hub import hub_offline, hub_reachable
 
 MODELS_ROOT_ENV = "DIFFUSION_PO_MODELS_ROOT"
 
@@ -118,15 +119,14 @@ SCORER_FILES: dict[str, tuple[str, ...]] = {
     "clip_openclip": ("clip_openclip",),
     "aesthetic": ("aesthetic", "clip"),
     "imagereward": ("imagereward", "bert_base_uncased"),
+    "toy": (),  # the toy world's oracle: no weights
 }
 
 
-def hub_offline() -> bool:
-    """True when the environment forbids hub access (read at call time, not at import)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return True
-    return False
+def no_hub_access() -> bool:
+    """True when the hub may not be used (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) or does not answer:
+    then only the local cache is read, so a missing file fails at once instead of after retries."""
+    return hub_offline() or not hub_reachable()
 
 
 def default_models_root(models_root: str | os.PathLike | None = None) -> Path | None:
@@ -151,13 +151,14 @@ def _prefetch_hint(spec: ModelFiles, root: Path | None) -> str:
 def _hub_snapshot(repo_id: str, files: Iterable[str], what: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    offline = hub_offline()
+    offline = no_hub_access()
     try:
         path = snapshot_download(repo_id, allow_patterns=list(files), local_files_only=offline)
     except Exception as exc:  # huggingface_hub raises several error types for missing/offline repos
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub is unreachable"
         hint = (
-            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            f"{why} and it is not in the local cache"
             if offline
             else "the download failed"
         )
@@ -227,7 +228,7 @@ def resolve_file(
     if spec.repo_id is not None:
         from huggingface_hub import hf_hub_download
 
-        offline = hub_offline()
+        offline = no_hub_access()
         try:
             return Path(hf_hub_download(spec.repo_id, filename, local_files_only=offline))
         except Exception as exc:

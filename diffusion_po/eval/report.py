@@ -98,6 +98,11 @@ def write_report(
         f"{' over prompts' if any(e['n_prompts'] < e['n_pairs'] for e in result['metrics'].values()) else ''}."
     )
     md.append("")
+    for side, label in (("a", la), ("b", lb)):
+        random = result[side].get("random_weights") or {}
+        if random.get("any"):
+            what = ", ".join([*random.get("models", []), *(f"scorer {n}" for n in random.get("scorers", []))])
+            md += [f"**{label}: {random.get('note', 'random test weights')}** ({what}).", ""]
     if settings:
         md += ["## Settings", "", "| key | value |", "|---|---|"]
         md += [f"| {k} | `{v}` |" for k, v in settings.items()]

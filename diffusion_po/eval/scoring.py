@@ -22,8 +22,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_po.errors import DataError
-from diffusion_po.eval.manifest import append_jsonl, read_jsonl, read_manifest
+from diffusion_po.eval.manifest import RUN_INFO, append_jsonl, read_jsonl, read_manifest
 from diffusion_po.eval.scorers import Scorer
+from diffusion_po.tiny import has_random_weights
 
 SCORES_JSONL = "scores.jsonl"
 SCORES_PARQUET = "scores.parquet"
@@ -188,6 +189,25 @@ def score_run(
     return meta
 
 
+def random_weights_meta(run: str | Path, scorers: dict[str, Any]) -> dict[str, Any]:
+    """Which weights behind a run's scores are random test weights (the tiny models of the tests): the
+    generating model's (from the run's ``run.json``) and the scorers'. ``note`` says so when any are."""
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    models: list[str] = []
+    if (folder / RUN_INFO).is_file():
+        try:
+            config = json.loads((folder / RUN_INFO).read_text()).get("config", {})
+        except ValueError:
+            config = {}
+        models = [str(config[k]) for k in ("model", "network", "lora", "npo_lora")
+                  if config.get(k) and has_random_weights(config[k])]
+    names = sorted(n for n, info in scorers.items() if info.get("random_weights"))
+    out: dict[str, Any] = {"any": bool(models or names), "models": models, "scorers": names}
+    if out["any"]:
+        out["note"] = "scores from random test weights: they test the pipeline and measure nothing"
+    return out
+
+
 def merge_scores(
     rows: list[dict[str, Any]], score_rows: list[dict[str, Any]], scorers: Sequence[Scorer] | dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -231,7 +251,7 @@ def write_score_table(
         except ValueError:
             all_scorers = {}
     all_scorers.update(meta["scorers"])
-    meta = dict(meta, scorers=all_scorers)
+    meta = dict(meta, scorers=all_scorers, random_weights=random_weights_meta(meta["run"], all_scorers))
     table = merge_scores(rows, score_rows, all_scorers)
     columns: dict[str, list[Any]] = {k: [r.get(k) for r in table] for k in table[0]}
     for k in ("prompt_index", "k", "seed"):

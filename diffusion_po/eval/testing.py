@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion_po.tiny import mark_random_weights
+
 TINY_OPEN_CLIP_CONFIG = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
@@ -48,6 +50,7 @@ def save_tiny_clip(folder: str | Path, seed: int = 0, image_size: int = 32, proj
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(folder)
     save_clip_tokenizer(folder)
+    mark_random_weights(folder)
     return folder
 
 
@@ -76,6 +79,7 @@ def save_tiny_hps(
     state = {k: v.detach().half() for k, v in model.state_dict().items()}
     ckpt = folder / filename
     torch.save({"state_dict": state}, ckpt)
+    mark_random_weights(folder)
     return config, ckpt
 
 
@@ -93,6 +97,7 @@ def save_tiny_aesthetic(path: str | Path, input_size: int = 16, seed: int = 0) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, path)
+    mark_random_weights(path.parent)
     return path
 
 

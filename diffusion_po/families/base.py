@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffusion_po.errors import ModelLoadError
+from diffusion_po.hub import hub_local_only
 
 Conditioning = dict[str, torch.Tensor]
 
@@ -310,9 +311,11 @@ def load_pipeline(
             kwargs["safety_checker"] = None
     elif path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelLoadError(f"model path '{path}' does not exist (and is not a hub id of the form org/name)")
+    kwargs.setdefault("local_files_only", hub_local_only(path, revision))
     try:
         if vae_path:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(vae_path, revision=revision)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(
+                vae_path, revision=revision, local_files_only=hub_local_only(vae_path, revision, "VAE"))
         pipe = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, **kwargs)
     except (OSError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,7 +1,7 @@
 """The stable Python API of the sampling layer.
 
     from diffusion_po.sampling import generate, load_sampling_pipeline
-    pipe, negative = load_sampling_pipeline("runwayml/stable-diffusion-v1-5", npo_lora="out/npo")
+    pipe, negative = load_sampling_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", npo_lora="out/npo")
     images = generate(pipe, ["a cat"] * 4, seeds=[0, 1, 2, 3], guidance="npo", scale=7.5,
                       negative_model=negative, steps=25)
 

@@ -1,14 +1,20 @@
 """Scorer registry: ``build_scorer(name, ...)`` for pickscore, hps_v2, hps_v2.1, clip, clip_openclip,
-aesthetic and (optional) imagereward. Heavy imports happen only when a scorer is built."""
+aesthetic, (optional) imagereward, and the scorers of other packages named in :data:`EXTERNAL_SCORERS`
+(the toy world's oracle). Heavy imports happen only when a scorer is built."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from diffusion_po.errors import UserError
 from diffusion_po.eval.scorers.base import Scorer, as_embedding, l2_normalize
 
-SCORER_NAMES = ("pickscore", "hps_v2", "hps_v2.1", "clip", "clip_openclip", "aesthetic", "imagereward")
+#: scorers that live outside diffusion_po.eval: name -> "module:Class", imported only when built
+EXTERNAL_SCORERS = {"toy": "diffusion_po.toy.scorer:ToyOracleScorer"}
+
+SCORER_NAMES = ("pickscore", "hps_v2", "hps_v2.1", "clip", "clip_openclip", "aesthetic", "imagereward",
+                *EXTERNAL_SCORERS)
 
 # accepted spellings -> registry name
 ALIASES = {
@@ -22,6 +28,7 @@ ALIASES = {
     "clip_score": "clip",
     "clip_h": "clip_openclip",
     "image_reward": "imagereward",
+    "toy_oracle": "toy",
 }
 
 # constructor options each scorer accepts through `--checkpoint NAME.OPTION=VALUE`
@@ -33,6 +40,7 @@ SCORER_OPTIONS = {
     "clip_openclip": ("checkpoint",),
     "aesthetic": ("checkpoint", "backbone"),
     "imagereward": ("checkpoint", "med_config", "tokenizer"),
+    "toy": (),
 }
 
 
@@ -66,6 +74,9 @@ def build_scorer(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UserError(f"{key}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(allowed)}")
+    if key in EXTERNAL_SCORERS:
+        module, cls = EXTERNAL_SCORERS[key].split(":")
+        return getattr(importlib.import_module(module), cls)(device=device, dtype=dtype, **options)
     common: dict[str, Any] = {"models_root": models_root, "device": device, "dtype": dtype}
     if key == "pickscore":
         from diffusion_po.eval.scorers.hf_clip import PickScoreScorer
@@ -116,6 +127,6 @@ def parse_checkpoint_options(items: list[str] | None) -> dict[str, dict[str, str
 
 
 __all__ = [
-    "ALIASES", "SCORER_NAMES", "SCORER_OPTIONS", "Scorer", "as_embedding", "build_scorer", "canonical_name",
+    "ALIASES", "EXTERNAL_SCORERS", "SCORER_NAMES", "SCORER_OPTIONS", "Scorer", "as_embedding", "build_scorer", "canonical_name",
     "l2_normalize", "parse_checkpoint_options", "parse_metric_list",
 ]

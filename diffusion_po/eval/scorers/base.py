@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from diffusion_po import __version__
+from diffusion_po.tiny import has_random_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,6 +110,8 @@ class Scorer(ABC):
             "checkpoint_hash": self.checkpoint_hash,
             "dtype": self.dtype_name,
             "diffusion_po": __version__,
+            # tiny random-initialised test models (diffusion_po.eval.testing): their scores mean nothing
+            "random_weights": any(has_random_weights(p) for p in self.checkpoint.split(" + ") if p),
         }
 
     # ---------------------------------------------------------------- convenience API
