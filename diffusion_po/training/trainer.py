@@ -279,6 +279,7 @@ class Trainer:
             self.accelerator.register_for_checkpointing(self.ema)
         self.state = TrainState()
         self._window_bad = False
+        self._last_commit_step = 0  # the step of the last checkpoint (or of the resume): the loss-spike window
         self.accelerator.register_for_checkpointing(self.state)
         self.context = Context(self)
         self.config_source = config_source
@@ -369,11 +370,11 @@ class Trainer:
         return result[0]
 
     def _preflight(self) -> tuple[Path | None, dict[str, list[Any]]]:
-        """The folder can take this run; the checkpoint to resume (verified, newest good one) and the
-        config keys that differ from it (refused when they change what it means)."""
+        """The folder can take a run and no other run holds it; the checkpoint to resume (verified, the newest
+        good one) and the config keys that differ from it (refused when they change what it means)."""
         cfg = self.cfg
         resuming = bool(cfg.resume_from_checkpoint)
-        run_folder.check_run_folder(self.output_dir, resuming, cfg.overwrite_output_dir, cfg.logging_dir)
+        run_folder.check_output_dir(self.output_dir)
         self._lock.probe()
         path = ckpt.resolve_resume(self.output_dir, cfg.resume_from_checkpoint, report=self.accelerator.print)
         if path is None:
@@ -831,6 +832,9 @@ def _flat_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def train(cfg: TrainConfig, config_source: str | None = None) -> Path:
     """Run training to `cfg.max_train_steps` (resuming when asked) and return the output folder."""
+    # before anything loads: a fresh run does not go into another run's folder (checked again under the lock)
+    run_folder.check_run_folder(Path(cfg.output_dir), bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir,
+                                cfg.logging_dir)
     return Trainer(cfg, config_source).run()
 
 
