@@ -173,6 +173,37 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, t
         torch.testing.assert_close(again[k], trained[k], rtol=0, atol=1e-7)
 
 
+MORE_DAMAGE = {
+    "empty safetensors": lambda c: (c / "model.safetensors").write_bytes(b""),
+    "empty pickle": lambda c: (c / "custom_checkpoint_0.pkl").write_bytes(b""),
+    "missing scheduler": lambda c: (c / "scheduler.bin").unlink(),
+    "missing LoRA": lambda c: (c / "pytorch_lora_weights.safetensors").unlink(),
+    "garbage manifest": lambda c: (c / "manifest.json").write_text("{not json"),
+    "flipped optimizer byte": lambda c: _flip_byte(c / "optimizer.bin"),
+    "appended bytes": lambda c: (c / "random_states_0.pkl").open("ab").write(b"xx"),
+    "truncated optimizer": lambda c: _truncate(c / "optimizer.bin"),
+    "zeroed model bytes": lambda c: (c / "model.safetensors").write_bytes(
+        bytes(len((c / "model.safetensors").read_bytes()))),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_sd, clean_data) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    assert main(["train", str(lora_config(root, tiny_sd, clean_data))]) == 0
+    return root / "out"
+
+
+@pytest.mark.parametrize("damage", sorted(MORE_DAMAGE))
+def test_more_kinds_of_damage_are_found(tmp_path, finished_run, damage):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    MORE_DAMAGE[damage](out / "checkpoint-4")
+    reports: list[str] = []
+    assert resolve_resume(out, "latest", report=reports.append) == out / "checkpoint-2"
+    assert len(reports) == 1 and "checkpoint-4 is damaged" in reports[0], reports
+
+
 def test_every_checkpoint_damaged_is_one_line(tmp_path, tiny_sd, clean_data, capsys):
     out = tmp_path / "out"
     cfg = lora_config(tmp_path, tiny_sd, clean_data)
