@@ -624,15 +624,17 @@ class Trainer:
                                 "max_loss_spike_ratio (null turns the check off)")
 
     @contextlib.contextmanager
-    def _disk_full_stops(self, partial: Path):
-        """A full disk while writing `partial`: remove it and stop with one line (where, free, needed)."""
+    def _disk_full_stops(self, partial: Path, checkpoint: bool = True):
+        """A full disk while writing `partial`: remove it and stop with one line (where, free and, for a
+        checkpoint, how much one needs)."""
         try:
             yield
         except Exception as exc:
             if not ckpt.is_disk_full(exc):
                 raise
             shutil.rmtree(partial, ignore_errors=True)
-            raise TrainingError(ckpt.disk_full_message(partial, self._checkpoint_bytes())) from exc
+            needed = self._checkpoint_bytes() if checkpoint else None
+            raise TrainingError(ckpt.disk_full_message(partial, needed)) from exc
 
     def _append_or_stop(self, log: run_folder.MetricsLog, row: dict[str, Any]) -> None:
         """Append a row to a jsonl log; a full disk stops the run with one line."""
@@ -673,7 +675,7 @@ class Trainer:
         # written into a staging folder, then renamed into place: a kill leaves the old outputs or the new
         staging = self.output_dir / run_folder.FINAL_STAGING
         shutil.rmtree(staging, ignore_errors=True)
-        with self._disk_full_stops(staging):
+        with self._disk_full_stops(staging, checkpoint=False):
             if self.cfg.use_lora:
                 self.family.save_lora(staging, net)
             else:
