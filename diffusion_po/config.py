@@ -106,8 +106,14 @@ class TrainConfig:
 
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
+    """How many checkpoints to keep (the newest); null keeps all."""
     resume_from_checkpoint: str | None = None
-    """A checkpoint folder, or `latest` for the newest complete `output_dir/checkpoint-N`."""
+    """A checkpoint folder, or `latest` for the newest good `output_dir/checkpoint-N` (verified)."""
+    overwrite_output_dir: bool = False
+    """A fresh run into an `output_dir` that holds another run replaces it (otherwise it stops)."""
+    max_loss_spike_ratio: float | None = 100.0
+    """Refuse to commit a checkpoint when the median loss since the last checkpoint is more than this many
+    times the median of the earlier steps (an exploded run); null turns the check off."""
     report_to: str = "tensorboard"
     """tensorboard, wandb, all, or none."""
     logging_dir: str = "logs"
@@ -344,6 +350,11 @@ def validate(cfg: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}' must be positive, got {getattr(cfg, key)}")
     if cfg.checkpointing_steps <= 0:
         raise ConfigError(f"{source}: key 'checkpointing_steps' must be positive")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit <= 0:
+        raise ConfigError(f"{source}: key 'checkpoints_total_limit' is {cfg.checkpoints_total_limit}; give how many "
+                          "checkpoints to keep (1 or more), or null to keep all")
+    if cfg.max_loss_spike_ratio is not None and cfg.max_loss_spike_ratio <= 1:
+        raise ConfigError(f"{source}: key 'max_loss_spike_ratio' must be above 1 (or null to turn the check off)")
     if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
         raise ConfigError(f"{source}: key 'proportion_empty_prompts' must be in [0, 1)")
     if cfg.learning_rate <= 0:

@@ -21,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="override a config key (repeatable; dotted keys for sections, e.g. data.strict=true)")
     parser.add_argument("--method", help="shortcut for --set method=NAME")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
-    parser.add_argument("--resume", nargs="?", const="latest", help="resume (default: latest checkpoint)")
+    parser.add_argument("--resume", nargs="?", const="latest",
+                        help="resume (default: the latest good checkpoint; none yet: start from scratch)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in output_dir (= --set overwrite_output_dir=true)")
     parser.set_defaults(func=run)
 
 
@@ -37,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     if args.resume:
         overrides.append(f"resume_from_checkpoint={args.resume}")
+    if args.overwrite:
+        overrides.append("overwrite_output_dir=true")
     cfg = load_train_config(config_path(args.config), overrides)
     train(cfg, config_source=args.config)
     return 0

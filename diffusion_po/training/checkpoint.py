@@ -1,19 +1,29 @@
-"""Checkpoints: accelerate `save_state` into `output_dir/checkpoint-N`, written atomically and rotated.
+"""Checkpoints: accelerate `save_state` into `output_dir/checkpoint-N`, written atomically, verified and rotated.
 
 A checkpoint is first written to a hidden temporary folder and renamed into place only once complete,
 so a kill mid-write never leaves a half-written `checkpoint-N` and never touches the previous one.
+Before the rename a `manifest.json` lists every file with its size and sha256; a resume verifies it and
+falls back to the newest checkpoint that passes.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusion_po.errors import UserError
 
+logger = logging.getLogger("diffusion_po.train")
+
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -32,13 +42,26 @@ def step_of(path: str | Path) -> int:
     return int(m.group(1))
 
 
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """`latest` -> newest complete checkpoint (None if there is none yet); a path must exist."""
+def resolve_resume(output_dir: str | Path, resume: str | None,
+                   report: Callable[[str], None] = logger.warning) -> Path | None:
+    """`latest` -> the newest checkpoint that passes `verify` (None if there is none yet; damaged newer ones
+    are reported and skipped); a named checkpoint must exist and pass."""
     if not resume:
         return None
     if resume == "latest":
         ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
+        damaged = []
+        for path in reversed(ckpts):
+            problem = verify(path)
+            if problem is None:
+                if damaged:
+                    report(f"{'; '.join(damaged)}: resuming from {path.name}, the newest good checkpoint")
+                return path
+            damaged.append(f"{path} is damaged ({problem})")
+        if damaged:
+            raise UserError(f"no usable checkpoint in {output_dir}: {'; '.join(damaged)}; "
+                            "start a new run (another output_dir, or --overwrite)")
+        return None
     path = Path(resume)
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / resume
@@ -48,7 +71,78 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
             f"(checkpoints found in {output_dir}: {[p.name for p in list_checkpoints(output_dir)] or 'none'})"
         )
     step_of(path)
+    problem = verify(path)
+    if problem is not None:
+        raise UserError(f"{path} is damaged ({problem}); resume from another checkpoint, or use 'latest' "
+                        "to take the newest good one")
     return path
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_manifest(folder: str | Path) -> None:
+    """List every file of a finished (not yet committed) checkpoint with its size and sha256."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify(folder: str | Path) -> str | None:
+    """What is wrong with a checkpoint (a missing, truncated or changed file), or None when it matches its
+    manifest. A checkpoint without a manifest (written before manifests existed) passes unverified."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        logger.warning("%s has no %s (an older checkpoint): it is not verified", folder, MANIFEST)
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, the manifest says {entry['size']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error (or its cause) is a full disk or quota: ENOSPC/EDQUOT, torch's zip writer
+    (`inline_container.cc`), safetensors' `StorageFull`."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if any(s in text for s in ("inline_container", "file write failed", "No space left", "StorageFull")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def disk_full_message(where: str | Path, needed_bytes: int | None = None) -> str:
+    """One line: the disk is full, where, how much is free and (for a checkpoint) how much one needs."""
+    root = Path(where)
+    while not root.exists() and root != root.parent:
+        root = root.parent
+    free = shutil.disk_usage(root).free
+    need = f"; a checkpoint needs about {needed_bytes / 2**30:.2f} GiB" if needed_bytes is not None else ""
+    return (f"the disk is full: writing {where} failed with {free / 2**30:.2f} GiB free on the file system of "
+            f"{root}{need}. Free space, lower checkpoints_total_limit or move output_dir, then --resume "
+            "(what was half written was removed; the last complete checkpoint is kept)")
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def temporary_dir(output_dir: str | Path, step: int) -> Path:
@@ -70,7 +164,7 @@ def rotate(output_dir: str | Path, total_limit: int | None) -> list[Path]:
     removed = []
     for stale in Path(output_dir).glob(".checkpoint-*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
-    if total_limit is None or total_limit <= 0:
+    if total_limit is None:
         return removed
     ckpts = list_checkpoints(output_dir)
     for old in ckpts[: max(0, len(ckpts) - total_limit)]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
+import importlib.util
 import logging
 import os
+import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +23,12 @@ import torch
 
 from diffusion_po.config import TrainConfig, default_num_workers, save_config, to_dict, weight_dtype_of
 from diffusion_po.data import build_train_data
-from diffusion_po.errors import DataError, UserError
+from diffusion_po.errors import ConfigError, DataError, UserError
 from diffusion_po.families import Conditioning, Family, compile_regions, cond_to, load_family
 from diffusion_po.families.base import raise_compile_limits
 from diffusion_po.objectives import Method, get_method_class
 from diffusion_po.training import checkpoint as ckpt
+from diffusion_po.training import run_folder
 
 logger = logging.getLogger("diffusion_po.train")
 
@@ -49,6 +52,8 @@ class TrainState:
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     bad_rows: int = 0
+    recent_losses: list[float] = field(default_factory=list)
+    """The logged loss of the latest steps (for the loss-spike check before a checkpoint)."""
     generator_state: torch.Tensor | None = None
     method_state: dict[str, Any] = field(default_factory=dict)
 
@@ -191,6 +196,7 @@ class Trainer:
 
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        check_trackers(cfg.report_to)
         log_with = None if cfg.report_to == "none" else cfg.report_to
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -200,6 +206,10 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / cfg.logging_dir)),
         )
+        check_launch(self.accelerator.num_processes)
+        self._lock = run_folder.RunLock(self.output_dir)
+        # before any model loads: the run folder is usable, and the checkpoint to resume is sound and fits
+        self.resume_path, self.resume_changes = self._main_decides(self._preflight)
         method_cls = get_method_class(cfg.method)
         self.method_formats: tuple[str, ...] = tuple(method_cls.data_formats)
         if cfg.data.format not in method_cls.data_formats and cfg.data.format != "cache":
@@ -284,6 +294,7 @@ class Trainer:
         self._window_metrics: list[dict[str, Any]] = []
         self.compile_error: str | None = None
         self._compile_fallback_pending = cfg.compile == "auto" and self.compiled != "none"
+        self._last_commit_step = 0  # the step of the last checkpoint (or of the resume): the loss-spike window
         self.accelerator.register_for_checkpointing(self.state)
         self.context = Context(self)
         self.config_source = config_source
@@ -364,22 +375,99 @@ class Trainer:
             self._lora_layer_cache = layers if ok else None
         return self._lora_layer_cache
 
+    # ------------------------------------------------------------------ run folder
+    def _main_decides(self, decide):
+        """Run `decide()` on the main process only and hand its result (or its UserError) to every process."""
+        acc = self.accelerator
+        result: list[Any] = [None, None]
+        if acc.is_main_process:
+            try:
+                result = [decide(), None]
+            except UserError as exc:
+                result = [None, exc]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(result)
+        if result[1] is not None:
+            raise result[1]
+        return result[0]
+
+    def _preflight(self) -> tuple[Path | None, dict[str, list[Any]]]:
+        """The folder can take a run and no other run holds it; the checkpoint to resume (verified, the newest
+        good one) and the config keys that differ from it (refused when they change what it means)."""
+        cfg = self.cfg
+        resuming = bool(cfg.resume_from_checkpoint)
+        run_folder.check_output_dir(self.output_dir)
+        self._lock.probe()
+        path = ckpt.resolve_resume(self.output_dir, cfg.resume_from_checkpoint, report=self.accelerator.print)
+        if path is None:
+            if resuming:
+                self.accelerator.print(f"resume: no checkpoint in {self.output_dir} yet; starting from scratch")
+            return None, {}
+        has_lora = any(path.glob("*lora*.safetensors"))
+        if has_lora != cfg.use_lora:
+            kind = "a LoRA" if has_lora else "a full fine-tune"
+            raise ConfigError(f"{path} holds {kind} but the config has use_lora: {str(cfg.use_lora).lower()}; "
+                              f"resume it with use_lora: {str(has_lora).lower()}, or start a new output_dir")
+        saved = run_folder.read_config(path / "config.yaml")
+        changes = run_folder.resume_changes(path, saved, to_dict(cfg)) if saved is not None else {}
+        return path, changes
+
+    def _claim(self) -> None:
+        """Take the run folder's lock (check again under it) and clear it for --overwrite."""
+        cfg = self.cfg
+        self._lock.acquire()
+        resuming = bool(cfg.resume_from_checkpoint)
+        run_folder.check_run_folder(self.output_dir, resuming, cfg.overwrite_output_dir, cfg.logging_dir)
+        if cfg.overwrite_output_dir and not resuming:
+            removed = run_folder.clear_run_folder(self.output_dir, cfg.logging_dir)
+            if removed:
+                self.accelerator.print(f"overwrite_output_dir: removed the previous run in {self.output_dir} "
+                                       f"({', '.join(removed)})")
+        run_folder.recover_final(self.output_dir)
+
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
+        """Train (holding the run folder's lock) and return the output folder."""
+        try:
+            self._main_decides(self._claim)
+            return self._run()
+        finally:
+            self._lock.release()
+
+    def _run(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
-        resume = ckpt.resolve_resume(self.output_dir, cfg.resume_from_checkpoint)
+        resume = self.resume_path
         if resume is not None:
-            acc.load_state(str(resume))
+            try:
+                acc.load_state(str(resume))
+            except Exception as exc:
+                raise UserError(f"{resume}: the checkpoint does not load ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); resume from an older "
+                                "checkpoint-N, or start a new run") from exc
             if self.state.generator_state is not None:
                 self.context.generator.set_state(self.state.generator_state)
             self.method.load_state_dict(self.state.method_state)
             acc.print(f"resumed from {resume} at step {self.state.step}")
+        self._last_commit_step = self.state.step
+        metrics_log = run_folder.MetricsLog(self.output_dir / "metrics.jsonl")
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            dropped = metrics_log.trim(self.state.step)  # rows of steps this resume undoes, torn lines
+            if dropped:
+                acc.print(f"metrics.jsonl: dropped {dropped} rows after step {self.state.step} (undone by the resume)")
+            if cfg.resume_from_checkpoint:
+                if self.resume_changes:
+                    acc.print("resume: changed " + "; ".join(f"{k}: {a!r} -> {b!r}"
+                                                             for k, (a, b) in self.resume_changes.items()))
+                history = run_folder.MetricsLog(self.output_dir / run_folder.HISTORY_FILE)
+                self._append_or_stop(history, run_folder.resume_row(resume, self.state.step, self.resume_changes))
+        data = self.build_data()
+        if acc.is_main_process:  # only once the data is there: a run that cannot start leaves no run behind
             save_config(cfg, self.output_dir / "config.yaml")
         if cfg.report_to != "none":
             acc.init_trackers("diffusion-po", config=_flat_scalars(to_dict(cfg)))
-        data = self.build_data()
         if acc.is_main_process:
             rows = f"{data.num_rows} rows" if data.num_rows is not None else "streaming"
             ties = f", {data.dropped_ties} ties dropped" if data.dropped_ties else ""
@@ -390,7 +478,6 @@ class Trainer:
 
         bar = tqdm(total=cfg.max_train_steps, initial=self.state.step, desc="train",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
-        metrics_file = self.output_dir / "metrics.jsonl"
         good_rows_seen = 0
         started = time.perf_counter()
         loader = data.loader
@@ -430,11 +517,13 @@ class Trainer:
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
             logs["step"] = self.state.step
             logs["bad_rows"] = self.state.bad_rows
+            if "loss" in logs:
+                self.state.recent_losses.append(float(logs["loss"]))
+                del self.state.recent_losses[:-max(1000, 2 * cfg.checkpointing_steps)]
             if cfg.report_to != "none":
                 acc.log(logs, step=self.state.step)
             if acc.is_main_process:
-                with metrics_file.open("a") as fh:
-                    fh.write(json.dumps(logs) + "\n")
+                self._append_or_stop(metrics_log, logs)
             bar.update(1)
             bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc") if k in logs})
             if self.state.step % cfg.checkpointing_steps == 0 or self.state.step == cfg.max_train_steps:
@@ -559,19 +648,76 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
         step = self.state.step
+        self.check_before_commit()
         tmp = ckpt.temporary_dir(self.output_dir, step)
         self.state.generator_state = self.context.generator.get_state()
         self.state.method_state = self.method.state_dict()
-        acc.save_state(str(tmp))  # (accelerate makes channels-last weights contiguous for safetensors)
-        if acc.is_main_process:
-            self._write_weights(tmp)
+        with self._disk_full_stops(tmp):
+            acc.save_state(str(tmp))  # (accelerate makes channels-last weights contiguous for safetensors)
+            if acc.is_main_process:
+                self._write_weights(tmp)
+                save_config(self.cfg, tmp / "config.yaml")  # what the checkpoint means, for a resume to compare
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
+            with self._disk_full_stops(tmp):
+                ckpt.write_manifest(tmp)
             final = ckpt.commit(self.output_dir, step)
             ckpt.rotate(self.output_dir, self.cfg.checkpoints_total_limit)
+        self._last_commit_step = step
         acc.wait_for_everyone()
         return final
+
+    def check_before_commit(self) -> None:
+        """Refuse to checkpoint an exploded run: non-finite trained weights, or a loss spike (the median loss
+        since the last checkpoint over `max_loss_spike_ratio` times the median before it)."""
+        step, cfg = self.state.step, self.cfg
+        params = [p.detach() for p in self.unwrapped.parameters() if p.requires_grad]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise TrainingError(f"step {step}: the trained weights hold NaN/inf, so checkpoint-{step} was not "
+                                "written (the last one is kept); lower learning_rate, keep max_grad_norm on, or "
+                                "use bf16 instead of fp16, and resume")
+        if cfg.max_loss_spike_ratio is None:
+            return
+        ratio = loss_spike_ratio(self.state.recent_losses, step - self._last_commit_step)
+        if ratio is not None and ratio > cfg.max_loss_spike_ratio:
+            raise TrainingError(f"step {step}: the loss since the last checkpoint is {ratio:.3g}x its earlier median "
+                                f"(max_loss_spike_ratio {cfg.max_loss_spike_ratio:g}), so checkpoint-{step} was not "
+                                "written (the last one is kept); lower learning_rate and resume, or raise "
+                                "max_loss_spike_ratio (null turns the check off)")
+
+    @contextlib.contextmanager
+    def _disk_full_stops(self, partial: Path, checkpoint: bool = True):
+        """A full disk while writing `partial`: remove it and stop with one line (where, free and, for a
+        checkpoint, how much one needs)."""
+        try:
+            yield
+        except Exception as exc:
+            if not ckpt.is_disk_full(exc):
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
+            needed = self._checkpoint_bytes() if checkpoint else None
+            raise TrainingError(ckpt.disk_full_message(partial, needed)) from exc
+
+    def _append_or_stop(self, log: run_folder.MetricsLog, row: dict[str, Any]) -> None:
+        """Append a row to a jsonl log; a full disk stops the run with one line."""
+        try:
+            log.append(row)
+        except OSError as exc:
+            if not ckpt.is_disk_full(exc):
+                raise
+            raise TrainingError(ckpt.disk_full_message(log.path)) from exc
+
+    def _checkpoint_bytes(self) -> int:
+        """About how much one checkpoint takes: the last complete one, or an estimate from the parameters
+        (the whole network, the trained weights twice more for AdamW, once more for the loadable copy)."""
+        done = ckpt.list_checkpoints(self.output_dir)
+        if done:
+            return ckpt.folder_bytes(done[-1])
+        net = self.unwrapped
+        every = sum(p.numel() * p.element_size() for p in net.parameters())
+        trained = sum(p.numel() * 4 for p in net.parameters() if p.requires_grad)
+        return every + trained * (3 + (1 if self.ema is not None else 0))
 
     def _write_weights(self, folder: Path) -> None:
         """Loadable weights next to the accelerate state: the LoRA file, or the network in diffusers format."""
@@ -589,12 +735,17 @@ class Trainer:
         net = self.unwrapped
         if self.ema is not None:
             self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
-        if self.cfg.use_lora:
-            self.family.save_lora(self.output_dir, net)
-        else:
-            net.save_pretrained(self.output_dir / self.family.network_name)
-            if self.cfg.save_full_pipeline:
-                self.family.pipe.save_pretrained(self.output_dir)
+        # written into a staging folder, then renamed into place: a kill leaves the old outputs or the new
+        staging = self.output_dir / run_folder.FINAL_STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        with self._disk_full_stops(staging, checkpoint=False):
+            if self.cfg.use_lora:
+                self.family.save_lora(staging, net)
+            else:
+                net.save_pretrained(staging / self.family.network_name)
+                if self.cfg.save_full_pipeline:
+                    self.family.pipe.save_pretrained(staging)
+        run_folder.publish(staging, self.output_dir)
 
 
 def _window_mean(rows: list[dict[str, Any]], device: torch.device) -> tuple[list[str], torch.Tensor]:
@@ -623,6 +774,38 @@ def _metric_floats(metrics: dict[str, Any]) -> dict[str, float]:
         if k not in out:
             out[k] = float(v)
     return {k: out[k] for k in metrics}
+
+
+def loss_spike_ratio(losses: list[float], window: int, min_history: int = 3) -> float | None:
+    """Median of the last `window` losses over the median of the ones before (None with fewer than
+    `min_history` earlier losses or a non-positive earlier median)."""
+    window = min(window, len(losses))
+    history, recent = losses[: len(losses) - window], losses[len(losses) - window:]
+    if window <= 0 or len(history) < min_history:
+        return None
+    base = statistics.median(history)
+    return statistics.median(recent) / base if base > 0 else None
+
+
+def check_trackers(report_to: str) -> None:
+    """`report_to` names trackers that are installed (accelerate would drop a missing one silently)."""
+    wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(report_to, [])
+    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"report_to: {report_to} needs {' and '.join(missing)}, which is not installed: "
+                          f"pip install {' '.join(missing)}, or set report_to: none")
+
+
+def check_launch(num_processes: int) -> None:
+    """`accelerate launch --num_processes N --cpu` without mpirun starts a single process (its simple
+    launcher sets MASTER_ADDR for N > 1 but no WORLD_SIZE): stop instead of training on one process."""
+    env = os.environ
+    launched_several = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env
+    told = any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if launched_several and not told and num_processes == 1:
+        raise UserError("accelerate launch asked for several CPU processes but started one (accelerate needs "
+                        "mpirun for multi-CPU runs); on CPUs use `torchrun --nproc_per_node N -m diffusion_po.cli "
+                        "train CONFIG`, on GPUs `accelerate launch --multi_gpu` (docs/training.md)")
 
 
 def _want_channels_last(cfg: TrainConfig, family: Family, device: torch.device) -> bool:
@@ -724,6 +907,9 @@ def _flat_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def train(cfg: TrainConfig, config_source: str | None = None) -> Path:
     """Run training to `cfg.max_train_steps` (resuming when asked) and return the output folder."""
+    # before anything loads: a fresh run does not go into another run's folder (checked again under the lock)
+    run_folder.check_run_folder(Path(cfg.output_dir), bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir,
+                                cfg.logging_dir)
     return Trainer(cfg, config_source).run()
 
 
