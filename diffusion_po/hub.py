@@ -58,7 +58,7 @@ def hub_local_only(path: str, revision: str | None = None, what: str = "model") 
     if Path(path).expanduser().exists():
         return False
     if hub_offline():
-        reason = "HF_HUB_OFFLINE is set"
+        reason = "this machine is offline (HF_HUB_OFFLINE is set)"
     elif not hub_reachable():
         reason = "the hub is unreachable"
     else:
