@@ -14,7 +14,7 @@ from diffusion_po.config import load_train_config
 from diffusion_po.errors import ConfigError, ModelLoadError
 from diffusion_po.families import family_class_for, family_for_pipeline, family_names, network_of
 from diffusion_po.guidance import CFG
-from diffusion_po.sampling import GuidedSampler
+from diffusion_po.sampling import GuidedSampler, generate
 
 torch.set_num_threads(1)
 
@@ -113,6 +113,12 @@ def test_sd3_max_sequence_length_is_one_setting_for_training_and_sampling(tmp_pa
     sampler = GuidedSampler(fam)
     state = sampler.prepare(sampler.specs(PROMPT), num_inference_steps=2, height=32, width=32)
     assert state.cond["prompt_embeds"].shape[1] == 77 + 64  # cond and uncond rows alike
+    spy = ForwardSpy(fam.network)  # generate() keeps the family it is given (and its T5 length)
+    try:
+        generate(fam, [PROMPT], steps=1, height=32, width=32, output_type="latent")
+    finally:
+        spy.remove()
+    assert spy.calls and all(c["encoder_hidden_states"].shape[1] == 77 + 64 for c in spy.calls)
 
 
 def test_max_sequence_length_without_a_t5_family_is_an_error(tmp_path, tiny_model_factory):
@@ -145,3 +151,30 @@ def test_subclassed_pipelines_resolve_by_their_base_class(tiny_model_factory):
     pipe = load_pipeline(tiny_model_factory("sd"))
     fam = family_for_pipeline(pipe)
     assert family_for_pipeline(fam) is fam and network_of(fam) is network_of(pipe) is pipe.unet
+
+
+def test_dro_buffer_guidance_uses_the_family_unconditional_embedding(tmp_path, tiny_model_factory):
+    """DRO's buffer CFG takes the family's unconditional embedding (SDXL: zeros, as the sampler), with
+    each image's own time ids."""
+    trainer = make_trainer(tmp_path, tiny_model_factory("sdxl"), "method=dro", "data.format=images",
+                           "method_options.sampler_steps=2", "method_options.buffer_guidance_scale=3.0")
+    ctx, fam, method = trainer.context, trainer.family, trainer.method
+    seen, predict = [], fam.predict
+
+    def spy(network, x_t, t, cond, **extra):
+        seen.append({k: v.clone() for k, v in cond.items()})
+        return predict(network, x_t, t, cond, **extra)
+
+    fam.predict = spy
+    sizes = torch.tensor([[40, 32], [64, 48]])
+    batch = {"pixels": torch.zeros(2, 3, 32, 32), "captions": ["a red square", "a dog"], "size": 2,
+             "original_sizes": sizes, "crop_top_lefts": torch.tensor([[0, 0], [4, 2]])}
+    with torch.no_grad():
+        method.refresh(ctx)
+        method.fill(ctx, batch)
+    assert len(seen) == 2  # one CFG forward per solver step
+    cond = seen[0]
+    assert not cond["prompt_embeds"][2:].any() and not cond["text_embeds"][2:].any()
+    assert cond["prompt_embeds"][:2].any()
+    assert torch.equal(cond["time_ids"][2:], cond["time_ids"][:2])
+    assert cond["time_ids"][:, :2].tolist() == sizes.float().tolist() * 2
