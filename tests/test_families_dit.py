@@ -1,0 +1,153 @@
+"""FLUX.1 (dev, schnell) and SD3.5 (with T5) on tiny models: training steps, LoRA round trips through stock
+diffusers, sampling equal to the stock pipelines, the guidance methods, and the FLUX-dev true-CFG error."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_po.cli import main
+from diffusion_po.config import load_train_config
+from diffusion_po.errors import UserError
+from diffusion_po.families import load_family
+from tests.helpers import write_pickapic
+from tests.test_train import make_config, read_metrics
+
+DIT_FAMILIES = ["flux", "flux-schnell", "sd35"]
+
+
+@pytest.fixture(scope="module")
+def pickapic(tmp_path_factory) -> Path:
+    return write_pickapic(tmp_path_factory.mktemp("data") / "train.parquet", n=8)
+
+
+def test_tiny_models_have_the_published_architecture(tiny_model_factory):
+    """The parts that make FLUX.1 and SD3.5 what they are, as loaded from the saved folders."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    dev, schnell, sd35 = (load_family(tiny_model_factory(f)) for f in DIT_FAMILIES)
+    assert (dev.name, schnell.name, sd35.name) == ("flux", "flux", "sd3")
+    assert dev.pipe.transformer.config.guidance_embeds and dev.guidance_distilled
+    assert not schnell.pipe.transformer.config.guidance_embeds and not schnell.guidance_distilled
+    assert dev.pipe.scheduler.config.use_dynamic_shifting and not schnell.pipe.scheduler.config.use_dynamic_shifting
+    assert dev.latent_channels == 16 and dev.vae.config.shift_factor == pytest.approx(0.1159)
+    assert sd35.pipe.transformer.config.dual_attention_layers == [0] or \
+        tuple(sd35.pipe.transformer.config.dual_attention_layers) == (0,)
+    assert sd35.pipe.transformer.config.qk_norm == "rms_norm"
+    for pipe, tok, enc in ((dev.pipe, "tokenizer_2", "text_encoder_2"), (sd35.pipe, "tokenizer_3", "text_encoder_3")):
+        assert isinstance(getattr(pipe, tok), T5TokenizerFast) and isinstance(getattr(pipe, enc), T5EncoderModel)
+        ids = getattr(pipe, tok)("a red circle").input_ids
+        assert ids[-1] == getattr(pipe, tok).eos_token_id and getattr(pipe, tok).unk_token_id not in ids
+
+
+@pytest.mark.parametrize("family", ["flux", "sd35"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_one_dpo_step(tmp_path, tiny_model_factory, pickapic, family, lora):
+    """One LoRA and one full Diffusion-DPO step: at step 1 the policy is the reference, so the loss is log 2
+    (exactly with LoRA: the reference is the same network with the adapter switched off)."""
+    cfg = make_config(tmp_path, tiny_model_factory(family), pickapic, use_lora=lora, max_train_steps=1, beta_dpo=50.0)
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "out"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1]
+    if lora:
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert (out / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+        assert (out / "transformer" / "config.json").is_file()
+
+
+def _network_inputs(family, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    f = family.vae_scale_factor
+    x = torch.randn(2, family.latent_channels, 32 // f, 32 // f, generator=g)
+    t = torch.tensor([250.0, 800.0])
+    cond = family.encode_prompts(["a red circle", "a blue square"])
+    return x, t, cond
+
+
+@pytest.mark.parametrize("family", ["flux", "sd35"])
+def test_saved_lora_loads_in_the_stock_pipeline(tmp_path, tiny_model_factory, pickapic, family):
+    """The trained LoRA, loaded with stock `FluxPipeline`/`StableDiffusion3Pipeline.load_lora_weights`,
+    gives the trained network's outputs."""
+    from diffusers import DiffusionPipeline
+
+    from diffusion_po.training.trainer import Trainer
+
+    model = tiny_model_factory(family)
+    cfg = make_config(tmp_path, model, pickapic, use_lora=True, max_train_steps=2, learning_rate=1e-2)
+    trainer = Trainer(load_train_config(cfg))
+    trainer.run()
+    x, t, cond = _network_inputs(trainer.family)
+    with torch.no_grad():
+        trained = trainer.family.predict(trainer.unwrapped, x, t, cond)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    assert type(pipe).__name__ == ("FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline")
+    stock = load_family(model)
+    with torch.no_grad():
+        before = stock.predict(pipe.transformer, x, t, cond)
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    with torch.no_grad():
+        after = stock.predict(pipe.transformer, x, t, cond)
+    assert (before - trained).abs().max() > 1e-4  # training changed the network
+    torch.testing.assert_close(after, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_flux_training_step_is_the_diffusers_example(tiny_model_factory):
+    """x_t, target and the forward are those of diffusers' train_dreambooth_lora_flux.py: packed latents,
+    timestep / 1000, guidance 3.5 for dev, zero txt_ids, (row, col) img_ids; schnell gets no guidance."""
+    from diffusers import FluxPipeline
+
+    for name in ("flux", "flux-schnell"):
+        fam = load_family(tiny_model_factory(name))
+        x0, t, cond = _network_inputs(fam)
+        noise = torch.randn_like(x0)
+        x_t = fam.noisy_latents(x0, noise, t)
+        sigma = (t / 1000).view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * noise)
+        torch.testing.assert_close(fam.training_target(x0, noise, t), noise - x0)
+        b, c, h, w = x_t.shape
+        packed = FluxPipeline._pack_latents(x_t, b, c, h, w)
+        guidance = torch.tensor([3.5]).expand(b) if name == "flux" else None
+        assert ("guidance" in cond) == (name == "flux")
+        with torch.no_grad():
+            expected = fam.network(
+                hidden_states=packed, timestep=t / 1000, guidance=guidance,
+                pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["prompt_embeds"],
+                txt_ids=torch.zeros(cond["prompt_embeds"].shape[1], 3),
+                img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
+                return_dict=False,
+            )[0]
+            got = fam.predict(fam.network, x_t, t, cond)
+        assert got.shape == x_t.shape
+        torch.testing.assert_close(got, FluxPipeline._unpack_latents(expected, 32, 32, fam.vae_scale_factor),
+                                   rtol=0, atol=0)
+        ts = fam.sample_timesteps(4096, torch.Generator().manual_seed(0))
+        grid = set(fam.noise_scheduler.timesteps.tolist())
+        assert set(ts.tolist()) <= grid and 300 < ts.mean() < 700  # uniform density on the scheduler's grid
+
+
+def test_one_sequence_length_for_training_and_sampling(tiny_model_factory):
+    """FLUX: FluxPipeline's 512 T5 tokens by default, one configurable value used by training and sampling."""
+    fam = load_family(tiny_model_factory("flux"))
+    assert fam.encode_prompts(["a cat"])["prompt_embeds"].shape[1] == 512
+    assert fam.unconditional(2)["prompt_embeds"].shape[1] == 512
+    from diffusion_po.families.flux import FluxFamily
+
+    short = FluxFamily(fam.pipe, max_sequence_length=64)
+    assert short.encode_prompts(["a cat"])["prompt_embeds"].shape[1] == 64
+    assert short.unconditional(1)["prompt_embeds"].shape[1] == 64
+
+
+def test_flux_dev_check_guidance_says_what_to_set(tiny_model_factory):
+    dev = load_family(tiny_model_factory("flux"))
+    schnell = load_family(tiny_model_factory("flux-schnell"))
+    with pytest.raises(UserError, match="true_cfg=True"):
+        dev.check_guidance(2, true_cfg=False)
+    dev.check_guidance(1, true_cfg=False)  # no CFG: the embedded guidance alone, as FluxPipeline's default
+    dev.check_guidance(2, true_cfg=True)
+    schnell.check_guidance(2, true_cfg=False)
