@@ -151,3 +151,9 @@ def test_flux_dev_check_guidance_says_what_to_set(tiny_model_factory):
     dev.check_guidance(1, true_cfg=False)  # no CFG: the embedded guidance alone, as FluxPipeline's default
     dev.check_guidance(2, true_cfg=True)
     schnell.check_guidance(2, true_cfg=False)
+
+
+@pytest.mark.parametrize("name", ["flux_dpo_lora.yaml", "sd35_dpo_lora.yaml"])
+def test_shipped_dit_configs_validate(name):
+    cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.method == "dpo" and cfg.use_lora
