@@ -66,6 +66,9 @@ class TrainConfig:
     output_dir: str = "runs/dpo"
     seed: int = 0
     resolution: int = 512
+    max_sequence_length: int | None = None
+    """T5 prompt length (tokens) of families with a T5 encoder (SD3), the same for training and sampling;
+    None = the stock pipeline's default (256)."""
 
     train_batch_size: int = 1
     """Pairs (or examples) per device per micro-step."""

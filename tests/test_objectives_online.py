@@ -1,4 +1,4 @@
-"""The in-loop sampler and replay buffer of Diffusion-DRO (diffusion_po.training.online): per-sample
+"""The in-loop sampler and replay buffer of Diffusion-DRO (diffusion_po.sampling.rollout): per-sample
 schedules, alignment of (x_t, t, eps_pol) recorded at the same step, FIFO capacity, and the solvers
 against hand formulas and diffusers' DPM-Solver++."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_po.training import online
+from diffusion_po.families.networks import ema_update
+from diffusion_po.sampling import rollout as online
 
 torch.set_num_threads(1)
 
@@ -107,7 +108,7 @@ def test_buffer_fifo_and_aligned_samples(family):
 def test_ema_update_and_timesteps_between():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     wa, wb = a.weight.detach().clone(), b.weight.detach().clone()
-    online.ema_update(a, b, decay=0.9)
+    ema_update(a, b, decay=0.9)
     assert torch.allclose(a.weight, 0.9 * wa + 0.1 * wb)
     t = online.timesteps_between(torch.tensor([0, 500, 998]), 999, torch.tensor([0.0, 0.9999, 0.5]))
     assert t.tolist() == [1, 999, 999]

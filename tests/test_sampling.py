@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_po.families import family_for_pipeline
 from diffusion_po.guidance import CFG, NPO, Branch, Composable, PerpNeg
 from diffusion_po.sampling import (
     GuidedSampler,
@@ -17,7 +18,6 @@ from diffusion_po.sampling import (
     load_sampling_pipeline,
     mixed_adapter_batch,
 )
-from diffusion_po.sampling.adapters import adapter_for
 from diffusion_po.sampling.negative import adapter_on_rows, deactivate_adapter
 
 STEPS = 3
@@ -143,20 +143,20 @@ def test_npo_guidance_requires_a_negative_model(pipes):
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_mixed_adapter_batch_equals_two_separate_forwards(pipes, family):
     pipe = _with_random_lora(pipes[family], seed=1)
-    net, ad = _network(pipe), adapter_for(pipe)
-    cond = ad.encode(["a cat", "a dog", "a cow"], 32, 32)
+    net, fam = _network(pipe), family_for_pipeline(pipe)
+    cond = fam.encode_prompts(["a cat", "a dog", "a cow"], resolution=(32, 32))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor(500.0)
     with torch.no_grad():
-        base = ad.forward(net, x, t, cond)  # the adapter is loaded but inactive
+        base = fam.predict(net, x, t, cond)  # the adapter is loaded but inactive
         _set_active(net, ["npo"])
-        lora = ad.forward(net, x, t, cond)
+        lora = fam.predict(net, x, t, cond)
         _set_active(net, [])
         with mixed_adapter_batch(net, ["__base__", "npo", "__base__"]):  # peft's adapter_names
-            mixed = ad.forward(net, x, t, cond)
+            mixed = fam.predict(net, x, t, cond)
         with adapter_on_rows(net, "npo", 1, 3):  # our contiguous-rows hooks
-            rows = ad.forward(net, x, t, cond)
+            rows = fam.predict(net, x, t, cond)
     assert not torch.allclose(base, lora, atol=1e-4)  # the adapter does something
     torch.testing.assert_close(mixed[[0, 2]], base[[0, 2]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[1], lora[1], atol=1e-5, rtol=1e-5)

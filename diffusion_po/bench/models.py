@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from diffusion_po.families import network_of
+
 MODELS = ("sd15", "sdxl", "sd3")
 SIZES = ("tiny", "full")
 FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl", "sd3": "sd3"}
@@ -101,8 +103,7 @@ def build_pipeline(model: str, size: str = "full", network_device: str | torch.d
         from diffusion_po.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(FAMILY_OF[model], seed=seed)
-        net = pipe.transformer if model == "sd3" else pipe.unet
-        net.to(network_device)
+        network_of(pipe).to(network_device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     with torch.device(network_device):
@@ -152,9 +153,5 @@ def _build_full(model: str) -> Any:
     return pipe
 
 
-def network_of(pipe: Any) -> torch.nn.Module:
-    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
-
-
-__all__ = ["FAMILY_OF", "MODELS", "RESOLUTION", "SIZES", "build_pipeline", "network_of", "sd15_unet", "sd3_transformer",
+__all__ = ["FAMILY_OF", "MODELS", "RESOLUTION", "SIZES", "build_pipeline", "sd15_unet", "sd3_transformer",
            "sd_vae", "sdxl_unet"]

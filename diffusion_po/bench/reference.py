@@ -52,7 +52,7 @@ def reference_step(
     `cond_shapes`: per conditioning key, the shape of one prompt's tensor (as the family encodes it).
     `with_encoders` runs the VAE and the text encoder each step (SD1.5 only, as the reference).
     """
-    from diffusion_po.bench.models import network_of
+    from diffusion_po.families import network_of
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if amp else torch.float32

@@ -33,7 +33,8 @@ from diffusion_po.bench.measure import (
     sync,
     time_steps,
 )
-from diffusion_po.bench.models import RESOLUTION, build_pipeline, network_of
+from diffusion_po.bench.models import RESOLUTION, build_pipeline
+from diffusion_po.families import network_of
 
 #: the cases, in the order a GPU run does them (most important first)
 CASES: dict[str, dict[str, Any]] = {

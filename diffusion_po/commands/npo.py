@@ -67,10 +67,6 @@ def merge_state_dicts(
 
 
 # ----------------------------------------------------------------------------- loading
-def _network_name(pipe: Any) -> str:
-    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-
-
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -81,11 +77,10 @@ def _is_lora_state(keys: list[str]) -> bool:
 
 def _fused_lora_state(base_path: str, lora: Path) -> dict[str, torch.Tensor]:
     """The base network with the LoRA's network part fused in (scale 1), as a state dict."""
-    from diffusion_po.families import load_pipeline
+    from diffusion_po.families import family_class_for, load_pipeline, network_of
 
     pipe = load_pipeline(base_path)
-    name = _network_name(pipe)
-    network = getattr(pipe, name)
+    name, network = family_class_for(pipe).network_name, network_of(pipe)
     source = lora if lora.is_file() else lora / LORA_FILE
     if not source.is_file():
         raise ModelLoadError(f"{lora}: no {LORA_FILE} in the folder")
@@ -155,14 +150,13 @@ def merge_npo(
     save_pipeline: bool = False,
 ) -> Path:
     """Compute theta^- and write it to `output/<unet|transformer>` (and the pipeline with `save_pipeline`)."""
-    from diffusion_po.families import load_pipeline
+    from diffusion_po.families import family_class_for, load_pipeline, network_of
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
     output = Path(output)
     pipe = load_pipeline(base)
-    name = _network_name(pipe)
-    network = getattr(pipe, name)
+    name, network = family_class_for(pipe).network_name, network_of(pipe)
     network_cls = type(network)
     base_state = _state(network)
     npo_state, npo_kind = load_network_state(npo, base, base_state, name, network_cls)
@@ -172,7 +166,7 @@ def merge_npo(
         pos_path = Path(positive)
         if pos_path.is_dir() and (pos_path / "model_index.json").is_file():
             pos_pipe = load_pipeline(positive)
-            pos_state, pos_kind = _state(getattr(pos_pipe, name)), "pipeline"
+            pos_state, pos_kind = _state(network_of(pos_pipe)), "pipeline"
             pipe = pos_pipe  # components of the positive model for --save-pipeline
         else:
             pos_state, pos_kind = load_network_state(positive, base, base_state, name, network_cls)

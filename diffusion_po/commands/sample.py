@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from diffusion_po import __version__
+    from diffusion_po.families import family_for_pipeline
     from diffusion_po.guidance import make_guidance
-    from diffusion_po.sampling.adapters import adapter_for
     from diffusion_po.sampling.api import generate, load_sampling_pipeline
     from diffusion_po.sampling.io import make_grid, png_info
     from diffusion_po.sampling.sampler import PromptSpec
@@ -162,15 +162,15 @@ def run(args: argparse.Namespace) -> int:
 
         speed_up_for_sampling(pipe)
         if negative is not None and negative.network is not None:
-            from diffusion_po.families.base import compile_regions, family_for_pipeline_class
+            from diffusion_po.families import compile_regions
 
-            compile_regions(negative.network, family_for_pipeline_class(pipe).repeated_blocks)
-    ad = adapter_for(pipe)
-    dh, dw = ad.default_size()
+            compile_regions(negative.network, family_for_pipeline(pipe).repeated_blocks)
+    fam = family_for_pipeline(pipe)
+    dh, dw = fam.default_size()
     height = args.height or args.resolution or dh
     width = args.width or args.resolution or dw
-    steps = args.steps or ad.default_steps
-    scale = args.guidance_scale if args.guidance_scale is not None else ad.default_scale
+    steps = args.steps or fam.default_steps
+    scale = args.guidance_scale if args.guidance_scale is not None else fam.default_guidance_scale
     guidance = make_guidance(args.guidance, scale, args.guidance_rescale)
 
     default_seeds = args.seeds or [args.seed + k for k in range(args.num_images_per_prompt)]
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         "negative_model": negative.describe() if negative else None,
         **guidance.describe(),
         "scheduler": type(pipe.scheduler).__name__, "steps": steps, "eta": args.eta,
-        "height": height, "width": width, "dtype": args.dtype, "compile": args.compile, "family": ad.family,
+        "height": height, "width": width, "dtype": args.dtype, "compile": args.compile, "family": fam.name,
         "diffusion_po_version": __version__,
     }
 

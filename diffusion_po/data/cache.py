@@ -62,6 +62,8 @@ def fingerprint(family: Any) -> str:
     """A short hash of what the cache depends on: the family, the VAE and text encoders (configs and a
     strided sample of every weight, rounded to bf16 so fp32 and bf16 copies agree) and the tokenizers."""
     h = hashlib.sha256(f"v{CACHE_VERSION}:{family.name}".encode())
+    if getattr(family, "max_sequence_length", None):  # T5 prompt length (SD3): cached embeddings depend on it
+        h.update(f"max_sequence_length:{family.max_sequence_length}".encode())
     modules = [("vae", family.vae)] + [(f"text_encoder_{i}", enc) for i, enc in enumerate(family.text_encoders)]
     for name, module in modules:
         h.update(name.encode())
@@ -224,7 +226,7 @@ def write_cache(
         raise UserError("no cache folder: set data.cache_dir in the config or pass --output")
     started = time.perf_counter()
     family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
-                         cfg.revision, cfg.variant)
+                         cfg.revision, cfg.variant, max_sequence_length=cfg.max_sequence_length)
     fp = fingerprint(family)
     folder = cache_folder(root, cfg.pretrained_model_name_or_path, fp, cfg.resolution)
     if (folder / META_FILE).exists() and not overwrite:

@@ -81,8 +81,9 @@ def uses_sampler(cfg: GenerateConfig) -> bool:
 
 
 def _swap_network(pipe: Any, folder: str) -> None:
-    name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    current = getattr(pipe, name)
+    from diffusion_po.families import family_class_for, network_of
+
+    name, current = family_class_for(pipe).network_name, network_of(pipe)
     path = Path(folder)
     if not path.is_dir():
         raise ModelLoadError(f"--network {folder}: not a folder (expected a diffusers {name} folder)")

@@ -8,9 +8,11 @@ from diffusion_po.families.base import (
     cat_cond,
     compile_regions,
     cond_to,
+    family_class_for,
     family_for_pipeline,
     family_names,
     load_pipeline,
+    network_of,
     per_sample_error,
     repeat_cond,
     slice_cond,
@@ -18,12 +20,16 @@ from diffusion_po.families.base import (
 )
 
 
-def load_family(path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None) -> Family:
-    """Load a pipeline by hub id or local folder and wrap it in its family."""
-    return Family.from_pretrained(path, vae_path=vae_path, revision=revision, variant=variant)
+def load_family(path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None,
+                max_sequence_length: int | None = None) -> Family:
+    """Load a pipeline by hub id or local folder and wrap it in its family (`max_sequence_length`: T5
+    prompt length of families with a T5 encoder; None = the family's default)."""
+    return Family.from_pretrained(path, vae_path=vae_path, revision=revision, variant=variant,
+                                  max_sequence_length=max_sequence_length)
 
 
 __all__ = [
-    "Conditioning", "Family", "cat_cond", "compile_regions", "cond_to", "family_for_pipeline", "family_names",
-    "load_family", "load_pipeline", "per_sample_error", "repeat_cond", "slice_cond", "speed_up_for_sampling",
+    "Conditioning", "Family", "cat_cond", "compile_regions", "cond_to", "family_class_for", "family_for_pipeline",
+    "family_names", "load_family", "load_pipeline", "network_of", "per_sample_error", "repeat_cond", "slice_cond",
+    "speed_up_for_sampling",
 ]

@@ -1,14 +1,21 @@
 """The model-family interface: every family hides its conditioning quirks behind these few methods.
 
-A family wraps a loaded diffusers pipeline. The trainer, the objectives' batch builders and the
-samplers only ever call:
+A family wraps a loaded diffusers pipeline. The trainer, the objectives, the online rollouts and the
+guided sampler (training and sampling alike) only ever call:
 
-- `encode_prompts(prompts, original_sizes=None, crop_top_lefts=None)` -> `Conditioning`
-- `encode_images(pixels, eps=None)` / `decode_latents(latents)`
-- `sample_timesteps(n, generator)`, `noisy_latents(x0, noise, t)`, `training_target(x0, noise, t)`
-- `predict(network, x_t, t, cond)` -> prediction in the same space as `training_target`
-- `x0_from_prediction(x_t, prediction, t)`
+- `encode_prompts(prompts, original_sizes=None, crop_top_lefts=None, resolution=None)` -> `Conditioning`,
+  `unconditional(n, resolution=None)` (the family's empty-prompt policy, chosen only here)
+- `encode_images(pixels, eps=None)` / `decode_latents(latents)` (training) / `decode(latents)` (sampling)
+- `alpha_sigma(t)`, `sample_timesteps(n, generator)`, `noisy_latents(x0, noise, t)`,
+  `training_target(x0, noise, t)`, `x0_from_prediction(x_t, prediction, t)`
+- `predict(network, x_t, t, cond, **extra)` -> prediction in the same space as `training_target`: the one
+  network forward of training and sampling
+- `default_size()`, `sampling_timesteps(...)`, `prepare_latents(...)`, `scale_model_input(x, t)`,
+  `scheduler_step_kwargs(...)` (the stock pipeline's own parts, as its `__call__` uses them)
 - `save_lora(folder, network)`
+
+`network_of(pipe)` and `family_class_for(pipe)` are the only places that decide which family a pipeline
+is and which network it has.
 
 A `Conditioning` is a plain dict of batch-first tensors, so it can be concatenated, sliced and repeated
 with the helpers below whatever the family puts in it.
@@ -16,12 +23,13 @@ with the helpers below whatever the family puts in it.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from diffusion_po.errors import ModelLoadError
+from diffusion_po.errors import ConfigError, ModelLoadError
 
 Conditioning = dict[str, torch.Tensor]
 
@@ -54,7 +62,8 @@ def per_sample_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 
 class Family:
-    """Base class: shared VAE and loading logic. Subclasses set `name`, `pipeline_class_names`, `network_name`."""
+    """Base class: shared VAE, sampling and loading logic. Subclasses set `name`, `pipeline_class_names`,
+    `network_name` and implement the prompt, schedule and forward methods."""
 
     name: ClassVar[str] = ""
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
@@ -66,13 +75,29 @@ class Family:
     convolutional: ClassVar[bool] = True
     #: conditioning keys that depend on the image (size, crop), not only on the prompt (see `row_conditioning`)
     row_keys: ClassVar[tuple[str, ...]] = ()
+    #: sampling defaults of the stock pipeline
+    default_steps: ClassVar[int] = 50
+    default_guidance_scale: ClassVar[float] = 7.5
+    #: CFG branches are "true CFG" (diffusers' `true_cfg_scale` convention; guidance-distilled models)
+    uses_true_cfg: ClassVar[bool] = False
+    #: T5 prompt length for training and sampling; None: the family has no T5 encoder
+    default_max_sequence_length: ClassVar[int | None] = None
+    #: "epsilon" | "v_prediction" | "sample" | "flow"
+    prediction_type: str = "epsilon"
 
-    def __init__(self, pipe: Any):
+    def __init__(self, pipe: Any, max_sequence_length: int | None = None):
         self.pipe = pipe
         self.vae = pipe.vae
         self.vae.requires_grad_(False)
         for enc in self.text_encoders:
             enc.requires_grad_(False)
+        if max_sequence_length is not None and self.default_max_sequence_length is None:
+            raise ConfigError(
+                f"max_sequence_length applies to families with a T5 text encoder, not '{self.name}'; remove the key"
+            )
+        if max_sequence_length is not None and max_sequence_length <= 0:
+            raise ConfigError(f"max_sequence_length must be positive, got {max_sequence_length}")
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -82,11 +107,12 @@ class Family:
         vae_path: str | None = None,
         revision: str | None = None,
         variant: str | None = None,
+        max_sequence_length: int | None = None,
         **kwargs: Any,
     ) -> Family:
         """Load by hub id or local folder through `DiffusionPipeline.from_pretrained` (one path for all)."""
         pipe = load_pipeline(path, vae_path=vae_path, revision=revision, variant=variant, **kwargs)
-        return family_for_pipeline(pipe)
+        return family_for_pipeline(pipe, max_sequence_length=max_sequence_length)
 
     # ----------------------------------------------------------------- parts
     @property
@@ -104,7 +130,13 @@ class Family:
 
     @property
     def device(self) -> torch.device:
-        return next(self.network.parameters()).device
+        """Where the network runs (its offload hook's execution device, else its parameters' device)."""
+        hook_device = getattr(getattr(self.network, "_hf_hook", None), "execution_device", None)
+        return torch.device(hook_device) if hook_device is not None else next(self.network.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
 
     def to(self, device: torch.device | str, weight_dtype: torch.dtype = torch.float32, encoders: bool = True) -> Family:
         """Move frozen parts to `device` in `weight_dtype` (VAE stays fp32 where its config asks).
@@ -123,6 +155,11 @@ class Family:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this (VAE factor, times the patch size of DiTs)."""
+        return self.vae_scale_factor * int(getattr(self.network.config, "patch_size", None) or 1)
 
     # ----------------------------------------------------------------- images
     @torch.no_grad()
@@ -150,22 +187,28 @@ class Family:
         raw = latents / self.vae.config.scaling_factor + shift
         return self.vae.decode(raw.to(self.vae.device, self.vae.dtype)).sample.float().clamp(-1, 1)
 
-    # ----------------------------------------------------------------- family-specific
+    # ----------------------------------------------------------------- prompts (training and sampling)
     def encode_prompts(
         self,
         prompts: list[str],
         original_sizes: torch.Tensor | None = None,
         crop_top_lefts: torch.Tensor | None = None,
-        resolution: int | None = None,
+        resolution: int | tuple[int, int] | None = None,
     ) -> Conditioning:
+        """fp32 batch-first conditioning of `prompts`; `resolution` (int or (h, w)) is the target size."""
         raise NotImplementedError
+
+    def unconditional(self, n: int, resolution: int | tuple[int, int] | None = None) -> Conditioning:
+        """The unconditional embedding of `n` rows: the one place the family's empty-prompt policy lives
+        (what the stock pipeline's CFG uses without a negative prompt). Default: "" encoded."""
+        return self.encode_prompts([""] * n, resolution=resolution)
 
     def row_conditioning(
         self,
         cond: Conditioning,
         original_sizes: torch.Tensor | None = None,
         crop_top_lefts: torch.Tensor | None = None,
-        resolution: int | None = None,
+        resolution: int | tuple[int, int] | None = None,
     ) -> Conditioning:
         """Per-image parts of the conditioning (SDXL's size/crop ids) on top of cached prompt embeddings.
 
@@ -173,24 +216,121 @@ class Family:
         """
         return cond
 
+    # ----------------------------------------------------------------- schedule and targets
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.pipe.scheduler.config.num_train_timesteps)
+
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) of x_t = alpha x0 + sigma eps per sample, fp32, shaped to broadcast against
+        `like` (and on its device), or 1-D on t's device without it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _shaped(a: torch.Tensor, s: torch.Tensor, like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if like is None:
+            return a, s
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return a.view(shape), s.view(shape)
+
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
     def noisy_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        a, s = self.alpha_sigma(t, x0)
+        return a * x0.float() + s * noise.float()
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def predict(self, network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         raise NotImplementedError
 
     def x0_from_prediction(self, x_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.pipe.scheduler.config.num_train_timesteps)
+    # ----------------------------------------------------------------- the network forward
+    def predict(
+        self, network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any
+    ) -> torch.Tensor:
+        """The network's raw prediction at (x_t, t) for training and sampling alike. x_t: unpacked latents
+        (B, C, h, w); t: scheduler timesteps (0-d or (B,)); `extra`: sampler-only inputs (`timestep_cond`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _forward_dtype(network: torch.nn.Module, x_t: torch.Tensor) -> torch.dtype:
+        """The network's weight dtype, or the input's under autocast."""
+        return next(network.parameters()).dtype if not torch.is_autocast_enabled() else x_t.dtype
+
+    # ----------------------------------------------------------------- sampling (the stock pipeline's parts)
+    def default_size(self) -> tuple[int, int]:
+        size = getattr(self.pipe, "default_sample_size", None) or self.network.config.sample_size
+        return int(size) * self.vae_scale_factor, int(size) * self.vae_scale_factor
+
+    def _timestep_kwargs(self, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """Extra arguments of `retrieve_timesteps` (the resolution shift `mu` of flow families)."""
+        return {}
+
+    def sampling_timesteps(
+        self, num_steps: int, latent_shape: tuple[int, ...], device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Set the pipeline scheduler's inference timesteps as the stock pipeline does; returns them."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        sched = self.pipe.scheduler
+        timesteps, _ = retrieve_timesteps(sched, num_steps, device or self.device, **self._timestep_kwargs(latent_shape))
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(0)
+        return timesteps
+
+    def prepare_latents(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        generators: list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Initial (unpacked) latents drawn as the stock pipeline draws them (init_noise_sigma included)."""
+        channels = int(self.network.config.in_channels)
+        return self.pipe.prepare_latents(n, channels, height, width, self.dtype, self.device, generators, latents)
+
+    def scale_model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sched = self.pipe.scheduler
+        return sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+
+    def scheduler_step_kwargs(self, generators: list[torch.Generator] | None, eta: float) -> dict[str, Any]:
+        params = inspect.signature(self.pipe.scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generators
+        return kwargs
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> VAE latents (latents_mean/std, or shift/scale factors)."""
+        cfg = self.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            c = latents.shape[1]
+            mean_t = torch.tensor(mean).view(1, c, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, c, 1, 1).to(latents)
+            return latents * std_t / cfg.scaling_factor + mean_t
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return latents / cfg.scaling_factor + shift
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> Any:
+        """Sampled latents -> images through the pipeline's postprocess (fp16 VAEs upcast as stock)."""
+        if output_type == "latent":
+            return latents
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
+        raw = self.unscale_latents(latents).to(device=vae.device, dtype=vae.dtype)
+        image = vae.decode(raw, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
     # ----------------------------------------------------------------- saving
     def save_lora(self, folder: str | Path, network: torch.nn.Module | None = None) -> None:
@@ -233,8 +373,8 @@ def speed_up_for_sampling(pipe: Any, compile: bool = True, channels_last: bool |
     """Make a pipeline's denoising network faster for sampling, in place: channels-last (UNets; default on
     CUDA) and regional compilation of its repeated blocks. Works with stock `pipe(...)` calls and with
     `diffusion_po.sampling`. Returns what was done. The first call of each new shape compiles (seconds)."""
-    network = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
-    fam = family_for_pipeline_class(pipe)
+    network = network_of(pipe)
+    fam = family_class_for(pipe)
     device = next(network.parameters()).device
     done: dict[str, Any] = {"channels_last": False, "compiled_blocks": 0}
     if channels_last is None:
@@ -261,23 +401,37 @@ def family_names() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def family_for_pipeline_class(pipe: Any) -> type[Family]:
-    """The family class of a pipeline (without wrapping it)."""
-    cls_name = type(pipe).__name__
-    for fam in _FAMILIES.values():
-        if cls_name in fam.pipeline_class_names:
-            return fam
-    supported = ", ".join(n for f in _FAMILIES.values() for n in f.pipeline_class_names)
-    raise ModelLoadError(f"pipeline class {cls_name} is not supported; supported: {supported}")
+def _supported() -> str:
+    return "; ".join(f"{f.name} ({', '.join(f.pipeline_class_names)})" for f in _FAMILIES.values())
 
 
-def family_for_pipeline(pipe: Any) -> Family:
-    cls_name = type(pipe).__name__
-    for fam in _FAMILIES.values():
-        if cls_name in fam.pipeline_class_names:
-            return fam(pipe)
-    supported = ", ".join(n for f in _FAMILIES.values() for n in f.pipeline_class_names)
-    raise ModelLoadError(f"pipeline class {cls_name} is not supported; supported: {supported}")
+def family_class_for(pipe: Any) -> type[Family]:
+    """The family class of a pipeline (or a Family): by class name, then by its base classes."""
+    if isinstance(pipe, Family):
+        return type(pipe)
+    by_class = {n: fam for fam in _FAMILIES.values() for n in fam.pipeline_class_names}
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in by_class:
+            return by_class[cls.__name__]
+    raise ModelLoadError(
+        f"pipeline class {type(pipe).__name__} is not supported; supported families: {_supported()}"
+    )
+
+
+def network_of(pipe: Any) -> torch.nn.Module:
+    """The denoising network (UNet or transformer) of a pipeline or a Family."""
+    if isinstance(pipe, Family):
+        return pipe.network
+    return getattr(pipe, family_class_for(pipe).network_name)
+
+
+def family_for_pipeline(pipe: Any, **options: Any) -> Family:
+    """Wrap a pipeline in its family (a Family passes through). `options`: the family's constructor
+    keywords, e.g. `max_sequence_length` (None values are left to the family's default)."""
+    if isinstance(pipe, Family):
+        return pipe
+    options = {k: v for k, v in options.items() if v is not None}
+    return family_class_for(pipe)(pipe, **options)
 
 
 def load_pipeline(

@@ -6,6 +6,7 @@ nothing forces epsilon.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -16,11 +17,16 @@ from diffusion_po.families.base import Conditioning, Family, register_family
 class _DDPMFamily(Family):
     """Shared by the UNet families: discrete DDPM training timesteps."""
 
-    def __init__(self, pipe: Any):
-        super().__init__(pipe)
+    def __init__(self, pipe: Any, **options: Any):
+        super().__init__(pipe, **options)
+        self._alphas_cumprod: dict[torch.device, torch.Tensor] = {}
+
+    @cached_property
+    def noise_scheduler(self) -> Any:
+        """The DDPM training schedule of the pipeline's scheduler config (built on first use)."""
         from diffusers import DDPMScheduler
 
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     @property
     def prediction_type(self) -> str:
@@ -29,27 +35,27 @@ class _DDPMFamily(Family):
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
 
-    def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        abar = self.noise_scheduler.alphas_cumprod.to(like.device)[t.to(like.device).long()].float()
-        shape = (-1,) + (1,) * (like.dim() - 1)
-        return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
-
-    def noisy_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = self._alpha_sigma(t, x0)
-        return a * x0.float() + s * noise.float()
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(abar_t), sqrt(1 - abar_t) (alphas_cumprod cached on each device it is used on)."""
+        device = like.device if like is not None else t.device
+        abar_all = self._alphas_cumprod.get(device)
+        if abar_all is None:
+            abar_all = self._alphas_cumprod[device] = self.noise_scheduler.alphas_cumprod.to(device)
+        abar = abar_all[t.detach().to(device).long()].float()
+        return self._shaped(abar.sqrt(), (1 - abar).sqrt(), like)
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
             return noise.float()
         if self.prediction_type == "v_prediction":
-            a, s = self._alpha_sigma(t, x0)
+            a, s = self.alpha_sigma(t, x0)
             return a * noise.float() - s * x0.float()
         if self.prediction_type == "sample":
             return x0.float()
         raise ValueError(f"unsupported prediction_type '{self.prediction_type}'")
 
     def x0_from_prediction(self, x_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = self._alpha_sigma(t, x_t)
+        a, s = self.alpha_sigma(t, x_t)
         pred = prediction.float()
         if self.prediction_type == "epsilon":
             return (x_t.float() - s * pred) / a
@@ -57,12 +63,24 @@ class _DDPMFamily(Family):
             return a * x_t.float() - s * pred
         return pred
 
-    def predict(self, network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        extra = {}
-        if "text_embeds" in cond:
-            extra["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        dtype = next(network.parameters()).dtype if not torch.is_autocast_enabled() else x_t.dtype
-        return network(x_t.to(dtype), t.to(x_t.device), cond["prompt_embeds"].to(dtype), **extra).sample
+    def predict(self, network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                **extra: Any) -> torch.Tensor:
+        dtype, device = self._forward_dtype(network, x_t), x_t.device
+        kwargs: dict[str, Any] = {}
+        if "text_embeds" in cond:  # SDXL micro-conditioning
+            kwargs["added_cond_kwargs"] = {k: cond[k].to(device, dtype) for k in ("text_embeds", "time_ids")}
+        if extra.get("timestep_cond") is not None:  # LCM-style guidance embedding (sampling)
+            kwargs["timestep_cond"] = extra["timestep_cond"]
+        return network(x_t.to(dtype), t.to(device), cond["prompt_embeds"].to(device, dtype), **kwargs,
+                       return_dict=False)[0]
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt_embeds, pooled) through the pipeline's own `encode_prompt` (no CFG, one per prompt)."""
+        out = self.pipe.encode_prompt(
+            prompt=list(prompts), device=self.text_encoders[0].device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return out[0], (out[2] if len(out) > 2 else None)
 
 
 @register_family
@@ -74,8 +92,12 @@ class StableDiffusionFamily(_DDPMFamily):
 
     @torch.no_grad()
     def encode_prompts(self, prompts, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
-        embeds, _ = self.pipe.encode_prompt(list(prompts), self.text_encoders[0].device, 1, False)
+        embeds, _ = self._encode(prompts)
         return {"prompt_embeds": embeds.float()}
+
+    def default_size(self) -> tuple[int, int]:
+        size = int(self.network.config.sample_size) * self.vae_scale_factor
+        return size, size
 
 
 @register_family
@@ -86,26 +108,34 @@ class StableDiffusionXLFamily(_DDPMFamily):
     name: ClassVar[str] = "sdxl"
     pipeline_class_names: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     row_keys: ClassVar[tuple[str, ...]] = ("time_ids",)
+    default_guidance_scale: ClassVar[float] = 5.0
 
     @torch.no_grad()
     def encode_prompts(self, prompts, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
-        device = self.text_encoders[0].device
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        embeds, pooled = self._encode(prompts)
         cond = {"prompt_embeds": embeds.float(), "text_embeds": pooled.float()}
         return self.row_conditioning(cond, original_sizes, crop_top_lefts, resolution)
 
+    def unconditional(self, n: int, resolution: int | tuple[int, int] | None = None) -> Conditioning:
+        """"" encoded, or all-zero embeddings (with the same time ids) when the pipeline has
+        `force_zeros_for_empty_prompt` (SDXL base), as the stock pipeline's default negative."""
+        cond = self.encode_prompts([""] * n, resolution=resolution)
+        if getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            cond["prompt_embeds"] = torch.zeros_like(cond["prompt_embeds"])
+            cond["text_embeds"] = torch.zeros_like(cond["text_embeds"])
+        return cond
+
     def row_conditioning(self, cond, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
-        """`time_ids` = (original h, w) + (crop top, left) + (target h, w), per image."""
+        """`time_ids` = (original h, w) + (crop top, left) + (target h, w), per image (`resolution`: int or (h, w))."""
         device = cond["prompt_embeds"].device
         n = cond["prompt_embeds"].shape[0]
         res = resolution or self.default_resolution
+        h, w = (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
         if original_sizes is None:
-            original_sizes = torch.tensor([[res, res]] * n)
+            original_sizes = torch.tensor([[h, w]] * n)
         if crop_top_lefts is None:
             crop_top_lefts = torch.zeros(n, 2, dtype=torch.long)
-        target = torch.tensor([[res, res]] * n)
+        target = torch.tensor([[h, w]] * n)
         time_ids = torch.cat([original_sizes.long().cpu(), crop_top_lefts.long().cpu(), target], dim=1)
         return {**cond, "time_ids": time_ids.float().to(device)}
 

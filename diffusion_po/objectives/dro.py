@@ -9,7 +9,7 @@ with a shared prompt c and a shared timestep t:
     d = (err_phi^exp - err_ref^exp) - (err_phi^pol - err_ref^pol)
     loss = mean(max(0, d + m)),  m = 0.001
 
-The buffer is filled inside the training loop (see `diffusion_po.training.online`): every
+The buffer is filled inside the training loop (see `diffusion_po.sampling.rollout`): every
 `buffer_sample_steps` micro-steps the snapshot samples the incoming batch's prompts from fresh noise with a
 few-step solver (`sampler`, `sampler_steps`) on per-sample jittered timesteps, and each entry keeps
 (conditioning, expert latents, trajectory). The snapshot is refreshed from the trained weights every
@@ -26,16 +26,10 @@ import torch.nn.functional as F
 
 from diffusion_po.errors import ConfigError
 from diffusion_po.families import cat_cond, per_sample_error
+from diffusion_po.families.networks import copy_weights, frozen_copy
 from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
 from diffusion_po.objectives.unpaired import autocast, trainable_network
-from diffusion_po.training.online import (
-    SOLVERS,
-    ReplayBuffer,
-    copy_weights,
-    frozen_copy,
-    jittered_timesteps,
-    sample_trajectories,
-)
+from diffusion_po.sampling.rollout import SOLVERS, ReplayBuffer, jittered_timesteps, sample_trajectories
 
 
 def loss(
@@ -140,8 +134,8 @@ class DiffusionDRO(Method):
         timesteps = jittered_timesteps(fam.num_train_timesteps, o.sampler_steps, offsets)
         uncond = None
         if o.buffer_guidance_scale != 1.0:
-            empty = fam.encode_prompts([""] * n, batch.get("original_sizes"), batch.get("crop_top_lefts"),
-                                       ctx.config.resolution)
+            empty = fam.row_conditioning(fam.unconditional(n, ctx.config.resolution), batch.get("original_sizes"),
+                                         batch.get("crop_top_lefts"), ctx.config.resolution)
             uncond = {k: v.to(cond[k].device, cond[k].dtype) for k, v in empty.items()}
         snapshot = self.snapshot
 

@@ -33,15 +33,10 @@ import torch
 
 from diffusion_po.errors import ConfigError
 from diffusion_po.families import Conditioning
+from diffusion_po.families.networks import ema_update, frozen_copy
 from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
 from diffusion_po.objectives.unpaired import autocast, trainable_network
-from diffusion_po.training.online import (
-    alpha_sigma,
-    ema_update,
-    eps_from_x0,
-    frozen_copy,
-    timesteps_between,
-)
+from diffusion_po.sampling.rollout import alpha_sigma, eps_from_x0, timesteps_between
 
 # ----------------------------------------------------------------------------- pure pieces
 

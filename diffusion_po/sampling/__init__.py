@@ -7,7 +7,6 @@ Stable API (see docs/sampling.md):
 - `NegativeModel`, `load_npo_lora`, `load_negative_network`, `mixed_adapter_batch`, `set_scheduler`
 """
 
-from diffusion_po.sampling.adapters import PipelineAdapter, adapter_for
 from diffusion_po.sampling.api import SCHEDULERS, generate, load_sampling_pipeline, set_scheduler
 from diffusion_po.sampling.negative import (
     NegativeModel,
@@ -20,7 +19,7 @@ from diffusion_po.sampling.negative import (
 from diffusion_po.sampling.sampler import GuidedSampler, PromptSpec, SamplingState
 
 __all__ = [
-    "SCHEDULERS", "GuidedSampler", "NegativeModel", "PipelineAdapter", "PromptSpec", "SamplingState", "adapter_for",
+    "SCHEDULERS", "GuidedSampler", "NegativeModel", "PromptSpec", "SamplingState",
     "generate", "load_negative_network", "load_npo_lora", "load_positive_lora", "load_sampling_pipeline",
     "merge_negative_network", "mixed_adapter_batch", "set_scheduler",
 ]

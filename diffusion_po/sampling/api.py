@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from diffusion_po.errors import ModelLoadError, UserError
+from diffusion_po.families import Family, family_class_for, network_of
 from diffusion_po.guidance import Guidance, make_guidance
-from diffusion_po.sampling.adapters import adapter_for
 from diffusion_po.sampling.negative import (
     NegativeModel,
     load_negative_network,
@@ -130,8 +130,8 @@ def _merged_negative(pipe, npo_base, npo_lora, negative_model, alpha, kinds) -> 
     from diffusion_po.families import load_pipeline
 
     base_pipe = load_pipeline(npo_base)
-    name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    base = getattr(base_pipe, name)
+    name = family_class_for(pipe).network_name
+    base = network_of(base_pipe)
     if npo_lora:
         npo_pipe = base_pipe
         npo_net = copy.deepcopy(base)
@@ -141,7 +141,7 @@ def _merged_negative(pipe, npo_base, npo_lora, negative_model, alpha, kinds) -> 
         npo_net.unload_lora()
     else:
         npo_net = load_negative_network(pipe, negative_model).network
-    positive = getattr(pipe, name)
+    positive = network_of(pipe)
     if {k: tuple(v.shape) for k, v in base.state_dict().items()} != {k: tuple(v.shape) for k, v in positive.state_dict().items()}:
         raise ModelLoadError(f"--npo-base '{npo_base}' has a different {name} architecture from the model")
     merged = merge_negative_network(positive, npo_net, base, alpha).eval().requires_grad_(False)
@@ -153,7 +153,7 @@ def _as_pipe(pipe_or_family: Any) -> Any:
     if isinstance(pipe_or_family, (str, Path)):
         pipe, _ = load_sampling_pipeline(str(pipe_or_family))
         return pipe
-    if hasattr(pipe_or_family, "encode_prompts") and hasattr(pipe_or_family, "pipe"):
+    if isinstance(pipe_or_family, Family):
         return pipe_or_family.pipe
     return pipe_or_family
 
@@ -193,7 +193,7 @@ def generate(
     pipe = _as_pipe(pipe_or_family)
     set_scheduler(pipe, scheduler)
     if guidance is None or isinstance(guidance, str):
-        default_scale = adapter_for(pipe).default_scale
+        default_scale = family_class_for(pipe).default_guidance_scale
         guidance = make_guidance(guidance or "cfg", scale if scale is not None else default_scale, rescale)
     sampler = GuidedSampler(pipe, guidance, negative_model)
     specs = GuidedSampler.specs(list(prompts), weighted(negative_prompt), weighted(positive_prompts), seeds)

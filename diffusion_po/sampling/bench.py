@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from diffusion_po.families import family_for_pipeline
 from diffusion_po.guidance import CFG, NPO, Composable, PerpNeg
-from diffusion_po.sampling.adapters import adapter_for
 from diffusion_po.sampling.negative import NegativeModel, adapter_names_of, deactivate_adapter
 from diffusion_po.sampling.sampler import GuidedSampler, PromptSpec
 
@@ -84,21 +84,21 @@ def step_cost(
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     cls, n_neg, form = METHODS[method]
-    ad = adapter_for(pipe)
+    fam = family_for_pipeline(pipe)
     guidance = cls(1.0 if method == "cond" else scale)
     added_lora = False
     if form is not None and negative_model is None:
         if form.startswith("adapter"):
-            if "bench_npo" not in adapter_names_of(ad.network):
-                _add_bench_lora(ad.network, "bench_npo", lora_rank)
+            if "bench_npo" not in adapter_names_of(fam.network):
+                _add_bench_lora(fam.network, "bench_npo", lora_rank)
                 added_lora = True
             negative_model = NegativeModel(adapter="bench_npo", mixed="peft" if form == "adapter-peft" else "rows")
         else:
-            negative_model = NegativeModel(network=copy.deepcopy(ad.network).eval())
+            negative_model = NegativeModel(network=copy.deepcopy(fam.network).eval())
     try:
         sampler = GuidedSampler(pipe, guidance, negative_model if form else None)
         specs = [PromptSpec("a red circle and a blue square", i, [("red", 1.0)] * n_neg) for i in range(batch)]
-        device = ad.device
+        device = fam.device
         times: list[float] = []
         state = None
         pos = 0
@@ -117,7 +117,7 @@ def step_cost(
         return statistics.median(times)
     finally:
         if added_lora:
-            ad.network.delete_adapters("bench_npo")
+            fam.network.delete_adapters("bench_npo")
 
 
 def build_sd15_size_pipeline(resolution: int = 512, seed: int = 0, text_layers: int = 1) -> Any:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from diffusion_po.errors import ModelLoadError
+from diffusion_po.families import family_class_for, network_of
 
 BASE_ADAPTER = "__base__"
 
@@ -162,10 +163,6 @@ def deactivate_adapter(network: torch.nn.Module, adapter_name: str) -> None:
 # ---------------------------------------------------------------------------- loading
 
 
-def _network_name(pipe: Any) -> str:
-    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-
-
 def _lora_file_check(path: str | Path, what: str) -> None:
     p = Path(path)
     if p.exists() and p.is_dir() and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
@@ -189,8 +186,7 @@ def load_npo_lora(pipe: Any, path: str | Path, adapter_name: str = "npo", kinds:
     """Load an NPO LoRA into the pipeline's network (only the network part) as adapter `adapter_name`,
     for mixed-adapter batches: theta^- = theta^+ + Delta_NPO (the reference's merge weight alpha = 0)."""
     _lora_file_check(path, "--npo-lora")
-    name = _network_name(pipe)
-    network = getattr(pipe, name)
+    name, network = family_class_for(pipe).network_name, network_of(pipe)
     try:
         out = type(pipe).lora_state_dict(str(path), return_lora_metadata=True)
     except (OSError, ValueError, KeyError) as exc:
@@ -216,12 +212,10 @@ def load_npo_lora(pipe: Any, path: str | Path, adapter_name: str = "npo", kinds:
 
 
 def load_negative_network(pipe: Any, path: str | Path, kinds: tuple[str, ...] = ("uncond", "neg")) -> NegativeModel:
-    """A separate negative network from a diffusers pipeline folder (its unet/transformer) or a model folder."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-
-    name = _network_name(pipe)
-    cls = SD3Transformer2DModel if name == "transformer" else UNet2DConditionModel
-    network = getattr(pipe, name)
+    """A separate negative network from a diffusers pipeline folder (its unet/transformer) or a model folder,
+    of the same class as the pipeline's network."""
+    name, network = family_class_for(pipe).network_name, network_of(pipe)
+    cls = type(network)
     p = Path(path)
     subfolder = name if (p / name / "config.json").is_file() else None
     if p.exists() and subfolder is None and not (p / "config.json").is_file():

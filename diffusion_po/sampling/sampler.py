@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from diffusion_po.families import Conditioning, Family, cat_cond, family_for_pipeline, slice_cond
 from diffusion_po.guidance import CFG, Branch, Guidance
-from diffusion_po.sampling.adapters import Cond, PipelineAdapter, adapter_for, cat_cond, slice_cond
 from diffusion_po.sampling.negative import BASE_ADAPTER, NegativeModel, adapter_on_rows, mixed_adapter_batch
 
 WeightedPrompts = Sequence[str | tuple[str, float]]
@@ -66,22 +66,24 @@ class SamplingState:
     latents: torch.Tensor
     timesteps: torch.Tensor
     branches: list[Branch]
-    cond: Cond  # all branches' rows, branch-major: rows [k*B, (k+1)*B) are branch k
+    cond: Conditioning  # all branches' rows, branch-major: rows [k*B, (k+1)*B) are branch k
     on_negative: list[bool]  # per branch: computed by the negative model
     pos_weights: torch.Tensor
     neg_weights: torch.Tensor
     step_kwargs: dict[str, Any]
     extra: dict[str, Any]
     #: conditioning rows per group of branches, gathered once (the same at every step)
-    group_cond: dict[tuple[int, ...], Cond] = field(default_factory=dict)
+    group_cond: dict[tuple[int, ...], Conditioning] = field(default_factory=dict)
 
 
 class GuidedSampler:
     """Sample from a stock diffusers pipeline with any `diffusion_po.guidance` method.
 
-    pipe: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` (or a
-    `diffusion_po.families.Family`). Any diffusers scheduler: set `pipe.scheduler` as usual.
-    guidance: `CFG(7.5)` by default (the family's usual scale).
+    pipe: a pipeline of any `diffusion_po.families` family (`StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, ...) or a `Family`. Prompts are encoded and
+    the network is called through the family, exactly as in training. Any diffusers scheduler: set
+    `pipe.scheduler` as usual.
+    guidance: `CFG(scale)` by default, with the family's usual scale.
     negative_model: a `NegativeModel` (NPO) or None.
     batch_branches: False runs each branch in its own forward (the reference Perp-Neg's way, less memory).
     """
@@ -94,14 +96,14 @@ class GuidedSampler:
         batch_branches: bool = True,
         progress: bool = False,
     ):
-        self.adapter: PipelineAdapter = adapter_for(pipe)
-        self.pipe = self.adapter.pipe
-        self.guidance = guidance if guidance is not None else CFG(self.adapter.default_scale)
+        self.family: Family = family_for_pipeline(pipe)
+        self.pipe = self.family.pipe
+        self.guidance = guidance if guidance is not None else CFG(self.family.default_guidance_scale)
         if self.guidance.requires_negative_model and negative_model is None:
             raise ValueError(f"'{self.guidance.name}' guidance needs a negative model (an NPO LoRA or network)")
         self.negative_model = negative_model
         if negative_model is not None and negative_model.adapter is not None and negative_model.mixed == "rows":
-            with adapter_on_rows(self.adapter.network, negative_model.adapter, 0, 0):
+            with adapter_on_rows(self.family.network, negative_model.adapter, 0, 0):
                 pass  # validates: the adapter exists, is inactive and is plain LoRA
         self.batch_branches = batch_branches
         self.progress = progress
@@ -174,7 +176,7 @@ class GuidedSampler:
             iterator = tqdm(steps, desc="denoising", leave=False)
         for t in iterator:
             state.latents = self.step(state, t)
-        return self.adapter.decode(state.latents, output_type)
+        return self.family.decode(state.latents, output_type)
 
     # ------------------------------------------------------------------ internals
     def prepare(
@@ -193,16 +195,17 @@ class GuidedSampler:
         if len(structures) != 1:
             raise ValueError("a batch must share the numbers of extra positives and negatives; use generate() to group")
         n_pos, n_neg = structures.pop()
-        ad = self.adapter
-        dh, dw = ad.default_size()
+        fam = self.family
+        dh, dw = fam.default_size()
         height, width = int(height or dh), int(width or dw)
-        multiple = ad.vae_scale_factor * (2 if ad.family == "sd3" else 1)
+        multiple = fam.size_multiple
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
         b = len(specs)
         branches = self.guidance.branches(n_pos, n_neg)
 
-        # encode all prompt texts in one call, the unconditional branch the stock pipeline's way
+        # encode all prompt texts in one call (as training encodes them), the unconditional branch by the
+        # family's empty-prompt policy (the stock pipeline's default negative)
         texts: list[str] = []
         spans: dict[Branch, tuple[int, int]] = {}
         for br in branches:
@@ -214,13 +217,13 @@ class GuidedSampler:
                 rows = [s.negatives[br.index][0] for s in specs]
             spans[br] = (len(texts), len(texts) + b)
             texts.extend(rows)
-        encoded = ad.encode(texts, height, width) if texts else None
+        encoded = fam.encode_prompts(texts, resolution=(height, width)) if texts else None
         per_branch = []
         for br in branches:
             if br.kind == "uncond":
-                per_branch.append(ad.empty(b, height, width))
+                per_branch.append(fam.unconditional(b, resolution=(height, width)))
             else:
-                per_branch.append(slice_cond(encoded, *spans[br]))
+                per_branch.append(slice_cond(encoded, slice(*spans[br])))
         cond = cat_cond(per_branch)
 
         neg_kinds = set(self.negative_model.kinds) if self.negative_model else set()
@@ -240,26 +243,27 @@ class GuidedSampler:
 
         generators = [torch.Generator("cpu").manual_seed(int(s.seed)) for s in specs]
         # timesteps first: `init_noise_sigma` (Euler-type schedulers) depends on the schedule
-        steps = int(num_inference_steps or ad.default_steps)
-        latent_shape = (b, int(ad.network.config.in_channels), height // ad.vae_scale_factor, width // ad.vae_scale_factor)
-        timesteps = ad.timesteps(steps, latent_shape)
+        steps = int(num_inference_steps or fam.default_steps)
+        f = fam.vae_scale_factor
+        latent_shape = (b, int(fam.network.config.in_channels), height // f, width // f)
+        timesteps = fam.sampling_timesteps(steps, latent_shape, fam.device)
         if latents is not None:
-            latents = latents.to(device=ad.device, dtype=ad.dtype)
-        latents = ad.prepare_latents(b, height, width, generators, latents)  # scales by init_noise_sigma as stock
+            latents = latents.to(device=fam.device, dtype=fam.dtype)
+        latents = fam.prepare_latents(b, height, width, generators, latents)  # scales by init_noise_sigma as stock
         extra: dict[str, Any] = {}
-        proj = getattr(ad.network.config, "time_cond_proj_dim", None)
+        proj = getattr(fam.network.config, "time_cond_proj_dim", None)
         if proj is not None and hasattr(self.pipe, "get_guidance_scale_embedding"):
             w = torch.tensor(self.guidance.scale - 1).repeat(b)
-            extra["timestep_cond"] = self.pipe.get_guidance_scale_embedding(w, embedding_dim=proj).to(ad.device, ad.dtype)
+            extra["timestep_cond"] = self.pipe.get_guidance_scale_embedding(w, embedding_dim=proj).to(fam.device, fam.dtype)
         return SamplingState(
             latents=latents,
             timesteps=timesteps,
             branches=branches,
             cond=cond,
             on_negative=on_negative,
-            pos_weights=pos_w.to(ad.device),
-            neg_weights=neg_w.to(ad.device),
-            step_kwargs=ad.step_kwargs(generators, eta),
+            pos_weights=pos_w.to(fam.device),
+            neg_weights=neg_w.to(fam.device),
+            step_kwargs=fam.scheduler_step_kwargs(generators, eta),
             extra=extra,
         )
 
@@ -269,7 +273,7 @@ class GuidedSampler:
         With an NPO adapter, the negative-model branches go first so their rows form one contiguous
         block that the adapter is applied to (`adapter_on_rows`), or carry per-row adapter names (peft).
         """
-        ad, nb, b = self.adapter, len(state.branches), x.shape[0]
+        fam, nb, b = self.family, len(state.branches), x.shape[0]
         neg = self.negative_model
         on_neg = state.on_negative
         neg_idx = [i for i in range(nb) if on_neg[i]]
@@ -280,17 +284,17 @@ class GuidedSampler:
                 return nullcontext()
             if neg.mixed == "peft":
                 names = [neg.adapter if on_neg[i] else BASE_ADAPTER for i in idx for _ in range(b)]
-                return mixed_adapter_batch(ad.network, names)
+                return mixed_adapter_batch(fam.network, names)
             k = sum(on_neg[i] for i in idx)  # negative branches come first in idx
-            return adapter_on_rows(ad.network, neg.adapter, 0, k * b) if k else nullcontext()
+            return adapter_on_rows(fam.network, neg.adapter, 0, k * b) if k else nullcontext()
 
         groups: list[tuple[torch.nn.Module, list[int]]] = []
         if neg is not None and neg.network is not None and neg_idx:
             if pos_idx:
-                groups.append((ad.network, pos_idx))
+                groups.append((fam.network, pos_idx))
             groups.append((neg.network, neg_idx))
         else:
-            groups.append((ad.network, neg_idx + pos_idx))
+            groups.append((fam.network, neg_idx + pos_idx))
         if not self.batch_branches:
             groups = [(net, [i]) for net, idx in groups for i in idx]
 
@@ -303,8 +307,8 @@ class GuidedSampler:
             cond = state.group_cond[key]
             x_in = x.repeat(len(idx), *([1] * (x.dim() - 1)))
             kw = {k: v.repeat(len(idx), *([1] * (v.dim() - 1))) for k, v in state.extra.items()}
-            with context(idx) if net is ad.network else nullcontext():
-                out = ad.forward(net, x_in, t, cond, **kw)
+            with context(idx) if net is fam.network else nullcontext():
+                out = fam.predict(net, x_in, t, cond, **kw)
             for j, i in enumerate(idx):
                 preds[state.branches[i]] = out[j * b : (j + 1) * b]
         return preds
@@ -312,7 +316,7 @@ class GuidedSampler:
     def step(self, state: SamplingState, t: torch.Tensor) -> torch.Tensor:
         """One denoising step: scale_model_input, all branches, guidance, scheduler step. Returns new latents."""
         sched = self.pipe.scheduler
-        x = self.adapter.scale_model_input(state.latents, t)
+        x = self.family.scale_model_input(state.latents, t)
         preds = self.predict_branches(state, x, t)
         guided = self.guidance.combine(preds, state.pos_weights, state.neg_weights)
         dtype = state.latents.dtype

@@ -203,7 +203,7 @@ class Trainer:
 
         if family is None:
             family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
-                                 cfg.revision, cfg.variant)
+                                 cfg.revision, cfg.variant, max_sequence_length=cfg.max_sequence_length)
         self.family = family
         self.cache_fingerprint: str | None = None
         if cfg.data.format == "cache":  # the encoders' identity, taken before they are cast to bf16/fp16

@@ -1,7 +1,7 @@
 """Online sampling inside the training loop (Diffusion-DRO's replay buffer, Self-NPO's teacher rollouts).
 
-- `alpha_sigma(family, t)`: the signal and noise scales of x_t = alpha x0 + sigma eps for any family
-  (DDPM: sqrt(abar), sqrt(1 - abar); flow matching: 1 - t/T, t/T).
+- `alpha_sigma(family, t)`: the family's own `Family.alpha_sigma` (the one schedule; DDPM: sqrt(abar),
+  sqrt(1 - abar); flow matching: 1 - t/T, t/T).
 - `sample_trajectories(...)`: a few-step deterministic solver (DDIM or DPM-Solver++(2M)) that runs with a
   **different timestep schedule per sample** and records, at every step, the state x_t, the timestep t
   and the network's prediction at (x_t, t): the three are aligned by construction (the prediction
@@ -18,26 +18,16 @@ from typing import Any
 
 import torch
 
+from diffusion_po.families import Family
+
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SOLVERS = ("ddim", "dpmsolver++")
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(like.device).float().view((-1,) + (1,) * (like.dim() - 1))
-
-
-def alpha_sigma(family: Any, t: torch.Tensor, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_t, sigma_t) per sample, fp32, shaped to broadcast against `like` (or 1-D without it)."""
-    t = t.detach()
-    if getattr(family, "prediction_type", None) == "flow":
-        s = t.float().cpu() / float(family.num_train_timesteps)
-        a, sig = 1.0 - s, s
-    else:
-        abar = family.noise_scheduler.alphas_cumprod.float().cpu()[t.long().cpu()]
-        a, sig = abar.sqrt(), (1.0 - abar).sqrt()
-    if like is None:
-        return a, sig
-    return _bcast(a, like), _bcast(sig, like)
+def alpha_sigma(family: Family, t: torch.Tensor, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) per sample, fp32, shaped to broadcast against `like` (or 1-D without it):
+    `family.alpha_sigma`."""
+    return family.alpha_sigma(t, like)
 
 
 def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -96,7 +86,7 @@ def jittered_timesteps(num_train_timesteps: int, steps: int, offsets: torch.Tens
 
 @torch.no_grad()
 def sample_trajectories(
-    family: Any,
+    family: Family,
     predict: Predict,
     x_T: torch.Tensor,
     timesteps: torch.Tensor,
@@ -200,32 +190,6 @@ class ReplayBuffer:
         self.data = dict(state.get("data", {}))
 
 
-def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float, only_trainable: bool = True) -> None:
-    """target <- decay * target + (1 - decay) * source, parameter by parameter (names must match)."""
-    src = dict(source.named_parameters())
-    with torch.no_grad():
-        for name, p in target.named_parameters():
-            s = src.get(name)
-            if s is None or (only_trainable and not s.requires_grad):
-                continue
-            p.lerp_(s.detach().to(p.dtype), 1.0 - decay)
-
-
-def frozen_copy(network: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy with gradients off, in eval mode (EMA teachers, sampling snapshots)."""
-    import copy
-
-    net = copy.deepcopy(network)
-    net.requires_grad_(False)
-    net.eval()
-    return net
-
-
-def copy_weights(target: torch.nn.Module, source: torch.nn.Module) -> None:
-    """Load `source`'s current parameters and buffers into `target` (same architecture)."""
-    target.load_state_dict(source.state_dict())
-
-
 def timesteps_between(low_exclusive: torch.Tensor, high_inclusive: int, u: torch.Tensor) -> torch.Tensor:
     """Integer t uniform on {low+1, ..., high} per sample from uniforms u in [0, 1)."""
     low = low_exclusive.long().cpu()
@@ -234,6 +198,6 @@ def timesteps_between(low_exclusive: torch.Tensor, high_inclusive: int, u: torch
 
 
 __all__ = [
-    "ReplayBuffer", "SOLVERS", "Trajectory", "alpha_sigma", "copy_weights", "ddim_step", "dpmsolver_pp_step",
-    "ema_update", "eps_from_x0", "frozen_copy", "jittered_timesteps", "sample_trajectories", "timesteps_between",
+    "ReplayBuffer", "SOLVERS", "Trajectory", "alpha_sigma", "ddim_step", "dpmsolver_pp_step", "eps_from_x0",
+    "jittered_timesteps", "sample_trajectories", "timesteps_between",
 ]
