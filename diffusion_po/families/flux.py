@@ -39,21 +39,13 @@ class FluxFamily(StableDiffusion3Family):
     default_steps: ClassVar[int] = 28  # FluxPipeline's num_inference_steps
     default_guidance_scale: ClassVar[float] = 1.0  # FluxPipeline's true_cfg_scale: no CFG unless asked
     uses_true_cfg: ClassVar[bool] = True
-    #: FluxPipeline's default `max_sequence_length` (T5 tokens)
-    default_max_sequence_length: ClassVar[int] = 512
+    #: FluxPipeline's `max_sequence_length` (T5 tokens), for training and sampling alike
+    default_max_sequence_length: ClassVar[int | None] = 512
 
-    def __init__(
-        self,
-        pipe: Any,
-        weighting: str = "none",
-        guidance_scale: float = 3.5,
-        max_sequence_length: int | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(pipe, weighting=weighting, **kwargs)
+    def __init__(self, pipe: Any, weighting: str = "none", guidance_scale: float = 3.5, **options: Any):
+        super().__init__(pipe, weighting=weighting, **options)
         #: the embedded guidance of dev checkpoints, for training and sampling (FluxPipeline's guidance_scale)
         self.guidance_scale = float(guidance_scale)
-        self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
 
     @property
     def guidance_distilled(self) -> bool:
@@ -75,19 +67,14 @@ class FluxFamily(StableDiffusion3Family):
             cond["guidance"] = torch.full((len(prompts),), self.guidance_scale, device=embeds.device)
         return cond
 
-    def unconditional(self, n: int, resolution: Any = None) -> Conditioning:
-        """The empty prompt (FluxPipeline's true CFG with `negative_prompt=""`)."""
-        return self.encode_prompts([""] * n)
-
     # ----------------------------------------------------------------- network
     def predict(self, network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                 **extra: Any) -> torch.Tensor:
         """Pack x_t (B, C, h, w) into 2x2 patches, run the transformer as FluxPipeline does, unpack."""
         from diffusers import FluxPipeline
 
-        dtype = next(network.parameters()).dtype if not torch.is_autocast_enabled() else x_t.dtype
+        dtype, device = self._forward_dtype(network, x_t), x_t.device
         b, c, h, w = x_t.shape
-        device = x_t.device
         packed = FluxPipeline._pack_latents(x_t.to(dtype), b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
         embeds = cond["prompt_embeds"].to(device, dtype)
@@ -110,28 +97,27 @@ class FluxFamily(StableDiffusion3Family):
     # ----------------------------------------------------------------- sampling
     @property
     def size_multiple(self) -> int:
-        return self.vae_scale_factor * 2
+        return self.vae_scale_factor * 2  # the VAE factor times the 2x2 packing
 
-    def default_size(self) -> tuple[int, int]:
-        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
-        return size, size
+    def _timestep_kwargs(self, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The shift `mu` of the packed sequence length, as FluxPipeline computes it (schedulers with
+        `use_dynamic_shifting` use it; the others ignore it)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    def sampling_timesteps(self, num_steps: int, latent_shape: tuple[int, ...], device: Any = None) -> torch.Tensor:
-        """FluxPipeline's schedule: sigmas linspace(1, 1/N, N), shifted by `mu` of the packed sequence length."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        cfg = self.pipe.scheduler.config
+        seq_len = (int(latent_shape[-2]) // 2) * (int(latent_shape[-1]) // 2)
+        return {"mu": calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                      cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))}
+
+    def sampling_timesteps(self, num_steps: int, latent_shape: tuple[int, ...],
+                           device: torch.device | None = None) -> torch.Tensor:
+        """FluxPipeline's schedule: sigmas linspace(1, 1/N, N) (unless `use_flow_sigmas`), shifted by `mu`."""
+        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
         sched = self.pipe.scheduler
         sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-        seq_len = (int(latent_shape[-2]) // 2) * (int(latent_shape[-1]) // 2)
-        mu = calculate_shift(
-            seq_len,
-            sched.config.get("base_image_seq_len", 256),
-            sched.config.get("max_image_seq_len", 4096),
-            sched.config.get("base_shift", 0.5),
-            sched.config.get("max_shift", 1.15),
-        )
-        timesteps, _ = retrieve_timesteps(sched, num_steps, device if device is not None else self.device,
-                                          sigmas=sigmas, mu=mu)
+        timesteps, _ = retrieve_timesteps(sched, num_steps, device or self.device, sigmas=sigmas,
+                                          **self._timestep_kwargs(latent_shape))
         sched.set_begin_index(0)
         return timesteps
 
@@ -139,10 +125,9 @@ class FluxFamily(StableDiffusion3Family):
                         latents: torch.Tensor | None = None) -> torch.Tensor:
         """Unpacked (n, 16, h, w) noise, drawn exactly as FluxPipeline draws it (then packs it)."""
         if latents is not None:
-            return latents.to(device=self.device, dtype=self.network.dtype)
+            return latents.to(device=self.device, dtype=self.dtype)
         channels = int(self.network.config.in_channels) // 4
-        packed, _ = self.pipe.prepare_latents(n, channels, height, width, self.network.dtype, self.device,
-                                              generators, None)
+        packed, _ = self.pipe.prepare_latents(n, channels, height, width, self.dtype, self.device, generators, None)
         return self.pipe._unpack_latents(packed, height, width, self.vae_scale_factor)
 
     def check_guidance(self, n_branches: int, true_cfg: bool) -> None:

@@ -177,6 +177,7 @@ def generate(
     output_type: str = "pil",
     progress: bool = False,
     on_batch: Callable[[list[int], list[Any]], None] | None = None,
+    true_cfg: bool = False,
 ) -> list[Any]:
     """Generate one image per prompt, in input order. The stable entry point for other modules.
 
@@ -188,6 +189,7 @@ def generate(
     negative_model: an NPO `NegativeModel` (see `load_sampling_pipeline`).
     scheduler: a short name or diffusers class name; replaces `pipe.scheduler`.
     on_batch(indices, images): called after each batch (to save as you go).
+    true_cfg: CFG branches on a guidance-distilled FLUX.1-dev as true CFG (see `GuidedSampler`).
     Returns PIL images (output_type 'pil'), or arrays/tensors/latents for 'np'/'pt'/'latent'.
     """
     pipe = _as_pipe(pipe_or_family)
@@ -195,7 +197,9 @@ def generate(
     if guidance is None or isinstance(guidance, str):
         default_scale = family_class_for(pipe).default_guidance_scale
         guidance = make_guidance(guidance or "cfg", scale if scale is not None else default_scale, rescale)
-    sampler = GuidedSampler(pipe, guidance, negative_model)
+    # a Family passes through (it carries its options, e.g. FLUX's embedded guidance_scale)
+    sampler = GuidedSampler(pipe_or_family if isinstance(pipe_or_family, Family) else pipe, guidance, negative_model,
+                            true_cfg=true_cfg)
     specs = GuidedSampler.specs(list(prompts), weighted(negative_prompt), weighted(positive_prompts), seeds)
     # group by structure, keep order within groups
     groups: dict[tuple[int, int], list[int]] = {}
