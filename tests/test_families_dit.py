@@ -132,15 +132,20 @@ def test_flux_training_step_is_the_diffusers_example(tiny_model_factory):
 
 
 def test_one_sequence_length_for_training_and_sampling(tiny_model_factory):
-    """FLUX: FluxPipeline's 512 T5 tokens by default, one configurable value used by training and sampling."""
-    fam = load_family(tiny_model_factory("flux"))
-    assert fam.encode_prompts(["a cat"])["prompt_embeds"].shape[1] == 512
-    assert fam.unconditional(2)["prompt_embeds"].shape[1] == 512
-    from diffusion_po.families.flux import FluxFamily
+    """One T5 length for training and sampling, configurable: FluxPipeline's 512 tokens by default; SD3.5
+    (T5 present) StableDiffusion3Pipeline's 256 after CLIP's 77."""
+    from diffusion_po.families import family_for_pipeline
 
-    short = FluxFamily(fam.pipe, max_sequence_length=64)
-    assert short.encode_prompts(["a cat"])["prompt_embeds"].shape[1] == 64
-    assert short.unconditional(1)["prompt_embeds"].shape[1] == 64
+    for name, default, clip in (("flux", 512, 0), ("sd35", 256, 77)):
+        fam = load_family(tiny_model_factory(name))
+        assert fam.max_sequence_length == default
+        assert fam.encode_prompts(["a cat"])["prompt_embeds"].shape[1] == clip + default
+        assert fam.unconditional(2)["prompt_embeds"].shape[1] == clip + default
+        short = family_for_pipeline(fam.pipe, max_sequence_length=64)
+        assert short.encode_prompts(["a cat"])["prompt_embeds"].shape[1] == clip + 64
+        assert short.unconditional(1)["prompt_embeds"].shape[1] == clip + 64
+        if name == "sd35":  # the T5 part is not padding: SD3.5 feeds its T5 encoder's output
+            assert fam.encode_prompts(["a cat"])["prompt_embeds"][:, clip:].abs().sum() > 0
 
 
 def test_flux_dev_check_guidance_says_what_to_set(tiny_model_factory):
@@ -247,3 +252,34 @@ def test_perp_neg_and_npo_guidance_run(dit_pipes, name):
     npo_other = GuidedSampler(pipe, NPO(4.0), negative_model=NegativeModel(network=other), true_cfg=True)(
         ["a cat", "a dog"], **kw)
     assert torch.isfinite(npo_other).all() and not torch.allclose(npo_other, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", DIT_FAMILIES)
+def test_training_conditioning_is_what_the_sampler_feeds_the_network(dit_pipes, name):
+    """The network inputs the trainer's conditioning produces for a prompt (and for the unconditional branch)
+    are exactly those GuidedSampler feeds the transformer (captured with a forward pre-hook)."""
+    from diffusion_po.families import cat_cond, family_for_pipeline
+    from diffusion_po.guidance import CFG
+    from diffusion_po.sampling import GuidedSampler
+
+    pipe = dit_pipes[name]
+    fam = family_for_pipeline(pipe)
+    seen: list[dict] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append({k: v for k, v in kwargs.items() if torch.is_tensor(v)}),
+        with_kwargs=True)
+    try:
+        latents = GuidedSampler(pipe, CFG(4.0), true_cfg=True)(
+            "a red circle", seeds=[0], num_inference_steps=1, height=32, width=32, output_type="latent")
+        sampled = seen.pop()
+        # the trainer's conditioning (TrainContext.encode_prompts -> family.encode_prompts), branch order of CFG
+        cond = cat_cond([fam.unconditional(1, resolution=32), fam.encode_prompts(["a red circle"], resolution=32)])
+        x = torch.zeros(2, *latents.shape[1:])
+        fam.predict(pipe.transformer, x, sampled["timestep"][0] * (1000 if name.startswith("flux") else 1), cond)
+        trained = seen.pop()
+    finally:
+        hook.remove()
+    keys = {"encoder_hidden_states", "pooled_projections"} | ({"guidance"} if name == "flux" else set())
+    assert keys <= set(sampled) and set(sampled) - {"hidden_states"} == set(trained) - {"hidden_states"}
+    for key in sorted(set(sampled) - {"hidden_states"}):
+        assert torch.equal(sampled[key], trained[key]), key
