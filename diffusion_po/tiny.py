@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd", "sdxl", "sd3", "sd35", "flux", "flux-schnell")
+FAMILIES = ("sd", "sdxl", "sd3", "sd35", "flux", "flux-schnell", "zimage")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -89,6 +89,34 @@ def save_t5_tokenizer(folder: str | Path, model_max_length: int = 512) -> None:
     tok.save_pretrained(str(folder))
 
 
+def save_qwen_tokenizer(folder: str | Path, model_max_length: int = 512) -> None:
+    """Write a real byte-level BPE `Qwen2Tokenizer` with Qwen's chat special tokens and a ChatML chat template
+    (what Z-Image's `apply_chat_template` needs): every byte is a token, plus merges for the words of
+    `_T5_WORDS`. Nothing is downloaded."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    merges: list[tuple[str, str]] = []
+    for word in _T5_WORDS:
+        piece = "\u0120"  # byte-level BPE's space
+        for ch in word:
+            if piece + ch not in vocab:
+                merges.append((piece, ch))
+                vocab[piece + ch] = len(vocab)
+            piece += ch
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    for tok in specials:
+        vocab[tok] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok.model_max_length = model_max_length
+    tok.save_pretrained(str(folder))
+
+
 def _t5_encoder(d_model: int, vocab_size: int):
     from transformers import T5Config, T5EncoderModel
 
@@ -138,7 +166,8 @@ def build_tiny_pipeline(family: str, seed: int = 0, resolution: int = 32, predic
     """A random-initialised diffusers pipeline of `family` (one of `FAMILIES`) with real classes.
 
     'sd35' is SD3.5-medium style (dual-attention layers, RMS qk-norm, T5 present); 'flux' is FLUX.1-dev style
-    (guidance embedding, dynamic resolution shift), 'flux-schnell' FLUX.1-schnell style (neither)."""
+    (guidance embedding, dynamic resolution shift), 'flux-schnell' FLUX.1-schnell style (neither); 'zimage'
+    Z-Image style (a decoder LLM, Qwen3, as text encoder; single-stream DiT; the FLUX VAE)."""
     import tempfile
 
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
@@ -246,6 +275,8 @@ def build_tiny_pipeline(family: str, seed: int = 0, resolution: int = 32, predic
             # SD3.5-medium's scheduler: static shift 3.0
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0 if sd35 else 1.0),
         )
+    if family == "zimage":
+        return _tiny_zimage(resolution)
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     dev = family == "flux"
@@ -261,9 +292,7 @@ def build_tiny_pipeline(family: str, seed: int = 0, resolution: int = 32, predic
         guidance_embeds=dev,
         axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
     )
-    # FLUX.1's VAE: 16 channels, no quant convs, shift and scaling factors of the released checkpoints
-    vae = _tiny_vae(16, sample_size=resolution, shift_factor=0.1159, scaling_factor=0.3611,
-                    use_quant_conv=False, use_post_quant_conv=False)
+    vae = _flux_vae(resolution)
     # the released schedulers: dev shifts by resolution (mu), schnell uses a static shift of 1
     if dev:
         scheduler = FlowMatchEulerDiscreteScheduler(
@@ -280,6 +309,37 @@ def build_tiny_pipeline(family: str, seed: int = 0, resolution: int = 32, predic
         text_encoder_2=_t5_encoder(32, len(t5_tokenizer)),
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
+    )
+
+
+def _flux_vae(resolution: int):
+    """FLUX.1's VAE (also Z-Image's): 16 channels, no quant convs, the released shift and scaling factors."""
+    return _tiny_vae(16, sample_size=resolution, shift_factor=0.1159, scaling_factor=0.3611,
+                     use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _tiny_zimage(resolution: int):
+    """Z-Image style: Qwen3 text encoder (penultimate hidden states), `ZImageTransformer2DModel`, the FLUX VAE,
+    Z-Image-Turbo's scheduler (static shift 3)."""
+    import tempfile
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_qwen_tokenizer(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+    ))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64],
+    )
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+        vae=_flux_vae(resolution), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
     )
 
 

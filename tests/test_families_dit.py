@@ -17,6 +17,9 @@ from tests.helpers import write_pickapic
 from tests.test_train import make_config, read_metrics
 
 DIT_FAMILIES = ["flux", "flux-schnell", "sd35"]
+#: with Z-Image (issue 11 item 8: a family with a decoder-LLM text encoder, in one file)
+ALL_FAMILIES = DIT_FAMILIES + ["zimage"]
+STOCK_CLASS = {"flux": "FluxPipeline", "sd35": "StableDiffusion3Pipeline", "zimage": "ZImagePipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,24 @@ def test_tiny_models_have_the_published_architecture(tiny_model_factory):
         assert ids[-1] == getattr(pipe, tok).eos_token_id and getattr(pipe, tok).unk_token_id not in ids
 
 
-@pytest.mark.parametrize("family", ["flux", "sd35"])
+def test_tiny_zimage_has_a_decoder_llm_text_encoder(tiny_model_factory):
+    """Z-Image style: Qwen3 (a decoder LLM) with a real byte-level BPE Qwen2 tokenizer and a chat template."""
+    from transformers import Qwen2Tokenizer, Qwen3Model
+
+    fam = load_family(tiny_model_factory("zimage"))
+    assert fam.name == "zimage" and isinstance(fam.pipe.text_encoder, Qwen3Model)
+    tok = fam.pipe.tokenizer
+    assert isinstance(tok, Qwen2Tokenizer)
+    text = tok.apply_chat_template([{"role": "user", "content": "a red circle"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.startswith("<|im_start|>user") and "\u0120red" in tok.convert_ids_to_tokens(tok(text).input_ids)
+    cond = fam.encode_prompts(["a red circle", "a cat"])
+    assert cond["prompt_embeds"].shape[:2] == cond["prompt_mask"].shape == (2, 512)
+    lengths = cond["prompt_mask"].sum(1)
+    assert lengths[0] > lengths[1] > 0  # one row per prompt, its own length (the padding is masked)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd35", "zimage"])
 @pytest.mark.parametrize("lora", [True, False])
 def test_one_dpo_step(tmp_path, tiny_model_factory, pickapic, family, lora):
     """One LoRA and one full Diffusion-DPO step: at step 1 the policy is the reference, so the loss is log 2
@@ -70,7 +90,7 @@ def _network_inputs(family, seed: int = 0):
     return x, t, cond
 
 
-@pytest.mark.parametrize("family", ["flux", "sd35"])
+@pytest.mark.parametrize("family", ["flux", "sd35", "zimage"])
 def test_saved_lora_loads_in_the_stock_pipeline(tmp_path, tiny_model_factory, pickapic, family):
     """The trained LoRA, loaded with stock `FluxPipeline`/`StableDiffusion3Pipeline.load_lora_weights`,
     gives the trained network's outputs."""
@@ -86,7 +106,7 @@ def test_saved_lora_loads_in_the_stock_pipeline(tmp_path, tiny_model_factory, pi
     with torch.no_grad():
         trained = trainer.family.predict(trainer.unwrapped, x, t, cond)
     pipe = DiffusionPipeline.from_pretrained(model)
-    assert type(pipe).__name__ == ("FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline")
+    assert type(pipe).__name__ == STOCK_CLASS[family]
     stock = load_family(model)
     with torch.no_grad():
         before = stock.predict(pipe.transformer, x, t, cond)
@@ -172,18 +192,21 @@ STEPS = 3
 def dit_pipes(tiny_model_factory):
     from diffusion_po.families import load_pipeline
 
-    return {name: load_pipeline(tiny_model_factory(name)) for name in DIT_FAMILIES}
+    return {name: load_pipeline(tiny_model_factory(name)) for name in ALL_FAMILIES}
 
 
 def _stock(pipe, name: str, prompt: str, negative: str | None, scale: float, seed: int, **kw):
-    """The stock pipeline's own CFG: FLUX's true CFG (negative "" when none is given, as our uncond), SD3's CFG."""
+    """The stock pipeline's own CFG: FLUX's true CFG (negative "" when none is given, as our uncond), SD3's CFG,
+    Z-Image's `pos + w (pos - neg)` (w = scale - 1)."""
     g = torch.Generator().manual_seed(seed)
     if name.startswith("flux"):
         return pipe(prompt, negative_prompt=negative or "", true_cfg_scale=scale, generator=g, **kw).images
+    if name == "zimage":
+        return pipe(prompt, negative_prompt=negative, guidance_scale=scale - 1, generator=g, **kw).images
     return pipe(prompt, negative_prompt=negative, guidance_scale=scale, generator=g, **kw).images
 
 
-@pytest.mark.parametrize("name", DIT_FAMILIES)
+@pytest.mark.parametrize("name", ALL_FAMILIES)
 def test_cfg_sampling_equals_the_stock_pipeline(dit_pipes, name):
     """CFG (true CFG on FLUX) with and without a negative prompt == the stock pipeline on the same seed."""
     from diffusion_po.guidance import CFG
@@ -227,7 +250,7 @@ def test_flux_sampling_cli_true_cfg(tmp_path, tiny_model_factory, capsys):
     assert len(list((tmp_path / "b").glob("*.png"))) == 1
 
 
-@pytest.mark.parametrize("name", ["flux", "sd35"])
+@pytest.mark.parametrize("name", ["flux", "sd35", "zimage"])
 def test_perp_neg_and_npo_guidance_run(dit_pipes, name):
     """Perp-Neg with weighted negatives and NPO (a negative network) run on both families; NPO whose negative
     model is the positive model is plain CFG."""
@@ -254,7 +277,16 @@ def test_perp_neg_and_npo_guidance_run(dit_pipes, name):
     assert torch.isfinite(npo_other).all() and not torch.allclose(npo_other, plain, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", DIT_FAMILIES)
+def _same(a, b) -> bool:
+    """Exact equality of tensors and (nested) lists of tensors."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
 def test_training_conditioning_is_what_the_sampler_feeds_the_network(dit_pipes, name):
     """The network inputs the trainer's conditioning produces for a prompt (and for the unconditional branch)
     are exactly those GuidedSampler feeds the transformer (captured with a forward pre-hook)."""
@@ -264,22 +296,27 @@ def test_training_conditioning_is_what_the_sampler_feeds_the_network(dit_pipes, 
 
     pipe = dit_pipes[name]
     fam = family_for_pipeline(pipe)
-    seen: list[dict] = []
+    seen: list[tuple] = []
     hook = pipe.transformer.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append({k: v for k, v in kwargs.items() if torch.is_tensor(v)}),
+        lambda mod, args, kwargs: seen.append((args, {k: v for k, v in kwargs.items() if v is not None})),
         with_kwargs=True)
     try:
         latents = GuidedSampler(pipe, CFG(4.0), true_cfg=True)(
             "a red circle", seeds=[0], num_inference_steps=1, height=32, width=32, output_type="latent")
-        sampled = seen.pop()
+        sampled_args, sampled = seen.pop()
+        t = pipe.scheduler.timesteps[0]  # the step the sampler ran
         # the trainer's conditioning (TrainContext.encode_prompts -> family.encode_prompts), branch order of CFG
         cond = cat_cond([fam.unconditional(1, resolution=32), fam.encode_prompts(["a red circle"], resolution=32)])
-        x = torch.zeros(2, *latents.shape[1:])
-        fam.predict(pipe.transformer, x, sampled["timestep"][0] * (1000 if name.startswith("flux") else 1), cond)
-        trained = seen.pop()
+        fam.predict(pipe.transformer, torch.zeros(2, *latents.shape[1:]), t, cond)
+        trained_args, trained = seen.pop()
     finally:
         hook.remove()
-    keys = {"encoder_hidden_states", "pooled_projections"} | ({"guidance"} if name == "flux" else set())
-    assert keys <= set(sampled) and set(sampled) - {"hidden_states"} == set(trained) - {"hidden_states"}
+    # everything but the noisy latents (args[0] / hidden_states): text, pooled, guidance, ids, timestep
+    assert _same(sampled_args[1:], trained_args[1:]) and sampled.keys() == trained.keys()
     for key in sorted(set(sampled) - {"hidden_states"}):
-        assert torch.equal(sampled[key], trained[key]), key
+        assert _same(sampled[key], trained[key]), key
+    if name != "zimage":
+        keys = {"encoder_hidden_states", "pooled_projections", "timestep"} | ({"guidance"} if name == "flux" else set())
+        assert keys <= set(sampled)
+    else:
+        assert len(sampled_args) == 3 and len(sampled_args[2]) == 2  # frames, timestep, one caption per row
