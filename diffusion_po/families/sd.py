@@ -71,8 +71,7 @@ class _DDPMFamily(Family):
             kwargs["added_cond_kwargs"] = {k: cond[k].to(device, dtype) for k in ("text_embeds", "time_ids")}
         if extra.get("timestep_cond") is not None:  # LCM-style guidance embedding (sampling)
             kwargs["timestep_cond"] = extra["timestep_cond"]
-        return network(x_t.to(dtype), t.to(device), cond["prompt_embeds"].to(device, dtype), **kwargs,
-                       return_dict=False)[0]
+        return network(x_t.to(dtype), t.to(device), cond["prompt_embeds"].to(device, dtype), **kwargs).sample
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt_embeds, pooled) through the pipeline's own `encode_prompt` (no CFG, one per prompt)."""

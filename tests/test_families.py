@@ -1,0 +1,147 @@
+"""One Family for training and sampling: for every family, the conditioning the trainer builds for a
+prompt is exactly what the guided sampler feeds the network for that prompt (captured at the network's
+forward), the unconditional branch included; SD3's T5 length is one setting for both; a pipeline class
+no family knows is a clear error listing the supported families."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from diffusion_po.config import load_train_config
+from diffusion_po.errors import ConfigError, ModelLoadError
+from diffusion_po.families import family_class_for, family_for_pipeline, family_names, network_of
+from diffusion_po.guidance import CFG
+from diffusion_po.sampling import GuidedSampler
+
+torch.set_num_threads(1)
+
+FAMILIES = ("sd", "sdxl", "sd3")
+PROMPT = "a red circle and a blue square"
+#: forward inputs that are the state and the time, not the conditioning
+NOT_CONDITIONING = {"sample", "hidden_states", "timestep", "return_dict"}
+
+
+def make_trainer(tmp_path, model: str, *extra: str):
+    from diffusion_po.training.trainer import Trainer
+
+    cfg = load_train_config(None, [
+        f"pretrained_model_name_or_path={model}", f"output_dir={tmp_path / 'run'}", "resolution=32",
+        "report_to=none", "method=dpo", "train_batch_size=1", *extra,
+    ])
+    return Trainer(cfg)
+
+
+class ForwardSpy:
+    """Records the conditioning inputs of every forward of a network (a forward pre-hook), by argument name."""
+
+    def __init__(self, network: torch.nn.Module):
+        self.signature = inspect.signature(network.forward)
+        self.calls: list[dict[str, torch.Tensor]] = []
+        self.handle = network.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        bound = self.signature.bind(*args, **kwargs).arguments
+        inputs: dict[str, torch.Tensor] = {}
+        for name, value in bound.items():
+            if name in NOT_CONDITIONING or value is None:
+                continue
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            for key, v in items:
+                if isinstance(v, torch.Tensor):
+                    inputs[f"{name}.{key}" if key else name] = v.detach().clone()
+        self.calls.append(inputs)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def assert_same_inputs(trained: dict[str, torch.Tensor], sampled: dict[str, torch.Tensor], what: str) -> None:
+    assert trained, "no conditioning captured"
+    assert set(trained) == set(sampled), f"{what}: the trainer feeds {sorted(trained)}, the sampler {sorted(sampled)}"
+    for key in trained:
+        assert trained[key].dtype == sampled[key].dtype, f"{what}: {key} dtype"
+        assert torch.equal(trained[key], sampled[key]), f"{what}: {key} differs"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainer_conditioning_is_what_the_sampler_feeds_the_network(tmp_path, tiny_model_factory, family):
+    trainer = make_trainer(tmp_path, tiny_model_factory(family))
+    ctx, fam = trainer.context, trainer.family
+    network = fam.network
+    x = torch.randn(1, int(network.config.in_channels), 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0]) if fam.prediction_type == "flow" else torch.tensor([500])
+
+    spy = ForwardSpy(network)
+    try:
+        with torch.no_grad():
+            ctx.policy_predict(x, t, ctx.encode_prompts([PROMPT]))
+            # the unconditional embedding the methods use (DRO's buffer CFG, Self-NPO's teacher)
+            ctx.policy_predict(x, t, fam.unconditional(1, resolution=ctx.config.resolution))
+        trained_cond, trained_uncond = spy.calls
+        spy.calls.clear()
+        network.eval()
+        # one forward per branch (batch_branches=False), in the guidance's branch order
+        sampler = GuidedSampler(fam, CFG(fam.default_guidance_scale), batch_branches=False)
+        state = sampler.prepare(sampler.specs(PROMPT, seeds=0), num_inference_steps=2, height=32, width=32)
+        sampler.step(state, state.timesteps[0])
+    finally:
+        spy.remove()
+    sampled = {br.kind: call for br, call in zip(state.branches, spy.calls)}
+    assert set(sampled) == {"pos", "uncond"}
+    assert_same_inputs(trained_cond, sampled["pos"], f"{family} prompt")
+    assert_same_inputs(trained_uncond, sampled["uncond"], f"{family} unconditional")
+    assert not torch.equal(trained_cond["encoder_hidden_states"], trained_uncond["encoder_hidden_states"])
+    if family == "sdxl":  # the stock SDXL default negative: zeros (force_zeros_for_empty_prompt)
+        assert fam.pipe.config.force_zeros_for_empty_prompt
+        assert not trained_uncond["encoder_hidden_states"].any()
+        assert torch.equal(trained_uncond["added_cond_kwargs.time_ids"], torch.tensor([[32.0, 32, 0, 0, 32, 32]]))
+    if family == "sd3":  # CLIP-L/G tokens (77) followed by the T5 tokens: 256, the stock pipeline's default
+        stock_default = inspect.signature(type(fam.pipe).__call__).parameters["max_sequence_length"].default
+        assert fam.max_sequence_length == stock_default == 256
+        assert trained_cond["encoder_hidden_states"].shape[1] == 77 + 256
+
+
+def test_sd3_max_sequence_length_is_one_setting_for_training_and_sampling(tmp_path, tiny_model_factory):
+    trainer = make_trainer(tmp_path, tiny_model_factory("sd3"), "max_sequence_length=64")
+    fam = trainer.family
+    assert fam.max_sequence_length == 64
+    cond = trainer.context.encode_prompts([PROMPT])
+    assert cond["prompt_embeds"].shape[1] == 77 + 64
+    sampler = GuidedSampler(fam)
+    state = sampler.prepare(sampler.specs(PROMPT), num_inference_steps=2, height=32, width=32)
+    assert state.cond["prompt_embeds"].shape[1] == 77 + 64  # cond and uncond rows alike
+
+
+def test_max_sequence_length_without_a_t5_family_is_an_error(tmp_path, tiny_model_factory):
+    with pytest.raises(ConfigError, match="max_sequence_length applies to families with a T5"):
+        make_trainer(tmp_path, tiny_model_factory("sd"), "max_sequence_length=64")
+
+
+def test_unknown_pipeline_class_lists_the_supported_families(tiny_model_factory):
+    class KandinskyPipeline:  # a pipeline class no family knows
+        pass
+
+    for call in (family_for_pipeline, family_class_for, network_of, GuidedSampler):
+        with pytest.raises(ModelLoadError) as err:
+            call(KandinskyPipeline())
+        msg = str(err.value)
+        assert "KandinskyPipeline is not supported" in msg
+        for name in family_names():
+            assert f"{name} (" in msg
+        assert "StableDiffusionXLPipeline" in msg
+
+
+def test_subclassed_pipelines_resolve_by_their_base_class(tiny_model_factory):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    from diffusion_po.families import load_pipeline
+
+    for base, name in ((StableDiffusionXLPipeline, "sdxl"), (StableDiffusion3Pipeline, "sd3")):
+        sub = type(f"My{base.__name__}", (base,), {})
+        assert family_class_for(sub.__new__(sub)).name == name
+    pipe = load_pipeline(tiny_model_factory("sd"))
+    fam = family_for_pipeline(pipe)
+    assert family_for_pipeline(fam) is fam and network_of(fam) is network_of(pipe) is pipe.unet
