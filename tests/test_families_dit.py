@@ -320,3 +320,21 @@ def test_training_conditioning_is_what_the_sampler_feeds_the_network(dit_pipes, 
         assert keys <= set(sampled)
     else:
         assert len(sampled_args) == 3 and len(sampled_args[2]) == 2  # frames, timestep, one caption per row
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_training_from_the_data_cache_matches_the_files(tmp_path, tiny_model_factory, family):
+    """The encoded-data cache stores the new families' conditioning (FLUX's guidance, Z-Image's prompt mask)
+    so that training from it gives the losses of training from the files."""
+    from tests.test_cache import _assert_same_run, _config, _metrics
+
+    data = write_pickapic(tmp_path / "train.parquet", n=6)
+    model = tiny_model_factory(family)
+    files = _config(tmp_path, model, data, "files", max_train_steps=2)
+    assert main(["train", str(files)]) == 0
+    assert main(["data", "cache", str(files), "--dtype", "fp32"]) == 0
+    cached = _config(tmp_path, model, data, "cached", data={"format": "cache"}, max_train_steps=2)
+    assert main(["train", str(cached)]) == 0
+    a, b = _metrics(tmp_path / "files"), _metrics(tmp_path / "cached")
+    _assert_same_run(a, b)
+    assert abs(a[-1]["loss"] - a[0]["loss"]) > 1e-6
