@@ -136,7 +136,7 @@ class FluxFamily(StableDiffusion3Family):
             raise UserError(
                 "this FLUX.1 checkpoint is guidance-distilled (dev): its guidance is the embedded "
                 f"guidance_scale ({self.guidance_scale}), not CFG. To run CFG, negative prompts, Perp-Neg or NPO "
-                "as true-CFG branches (diffusers' true_cfg_scale, twice the compute), set true_cfg=True "
+                "as true-CFG branches (diffusers' true_cfg_scale: a full forward per branch), set true_cfg=True "
                 "(GuidedSampler(..., true_cfg=True) / `diffusion-po sample --true-cfg`); otherwise use guidance "
                 "scale 1"
             )
