@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from diffusion_po.errors import ModelLoadError, UserError
-from diffusion_po.families import Family, family_class_for, network_of
+from diffusion_po.families import Family, family_class_for, family_for_pipeline, network_of
 from diffusion_po.guidance import Guidance, make_guidance
 from diffusion_po.sampling.negative import (
     NegativeModel,
@@ -149,13 +149,10 @@ def _merged_negative(pipe, npo_base, npo_lora, negative_model, alpha, kinds) -> 
     return NegativeModel(network=merged, kinds=kinds, description={k: v for k, v in desc.items() if v is not None})
 
 
-def _as_pipe(pipe_or_family: Any) -> Any:
+def _as_family(pipe_or_family: Any) -> Family:
     if isinstance(pipe_or_family, (str, Path)):
-        pipe, _ = load_sampling_pipeline(str(pipe_or_family))
-        return pipe
-    if isinstance(pipe_or_family, Family):
-        return pipe_or_family.pipe
-    return pipe_or_family
+        pipe_or_family, _ = load_sampling_pipeline(str(pipe_or_family))
+    return family_for_pipeline(pipe_or_family)  # a Family passes through with its options
 
 
 def generate(
@@ -192,14 +189,12 @@ def generate(
     true_cfg: CFG branches on a guidance-distilled FLUX.1-dev as true CFG (see `GuidedSampler`).
     Returns PIL images (output_type 'pil'), or arrays/tensors/latents for 'np'/'pt'/'latent'.
     """
-    pipe = _as_pipe(pipe_or_family)
-    set_scheduler(pipe, scheduler)
+    family = _as_family(pipe_or_family)
+    set_scheduler(family.pipe, scheduler)
     if guidance is None or isinstance(guidance, str):
-        default_scale = family_class_for(pipe).default_guidance_scale
+        default_scale = family.default_guidance_scale
         guidance = make_guidance(guidance or "cfg", scale if scale is not None else default_scale, rescale)
-    # a Family passes through (it carries its options, e.g. FLUX's embedded guidance_scale)
-    sampler = GuidedSampler(pipe_or_family if isinstance(pipe_or_family, Family) else pipe, guidance, negative_model,
-                            true_cfg=true_cfg)
+    sampler = GuidedSampler(family, guidance, negative_model, true_cfg=true_cfg)
     specs = GuidedSampler.specs(list(prompts), weighted(negative_prompt), weighted(positive_prompts), seeds)
     # group by structure, keep order within groups
     groups: dict[tuple[int, int], list[int]] = {}
