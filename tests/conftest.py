@@ -22,7 +22,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
-    """tiny_model_factory(family, prediction_type='epsilon') -> path of a saved tiny pipeline."""
+    """tiny_model_factory(family, prediction_type='epsilon') -> path of a saved tiny pipeline.
+
+    family: 'sd', 'sdxl', 'sd3', 'sd35' (SD3.5-medium style, with T5), 'flux' (FLUX.1-dev style) or
+    'flux-schnell', 'zimage' (Z-Image style: a Qwen3 decoder-LLM text encoder)."""
     from diffusion_po.tiny import save_tiny_pipeline
 
     cache: dict[tuple[str, str], str] = {}
@@ -31,7 +34,8 @@ def tiny_model_factory(tmp_path_factory):
         key = (family, prediction_type)
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"tiny_{family}_{prediction_type}")
-            kwargs = {} if family == "sd3" else {"prediction_type": prediction_type}
+            # the flow-matching families (sd3, sd35, flux, flux-schnell, zimage) have no prediction_type to choose
+            kwargs = {"prediction_type": prediction_type} if family in ("sd", "sdxl") else {}
             cache[key] = str(save_tiny_pipeline(family, folder, **kwargs))
         return cache[key]
 

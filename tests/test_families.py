@@ -18,10 +18,10 @@ from diffusion_po.sampling import GuidedSampler, generate
 
 torch.set_num_threads(1)
 
-FAMILIES = ("sd", "sdxl", "sd3")
+FAMILIES = ("sd", "sdxl", "sd3", "sd35", "flux", "flux-schnell", "zimage")
 PROMPT = "a red circle and a blue square"
 #: forward inputs that are the state and the time, not the conditioning
-NOT_CONDITIONING = {"sample", "hidden_states", "timestep", "return_dict"}
+NOT_CONDITIONING = {"sample", "hidden_states", "timestep", "return_dict", "x", "t"}  # x, t: Z-Image's names
 
 
 def make_trainer(tmp_path, model: str, *extra: str):
@@ -48,7 +48,12 @@ class ForwardSpy:
         for name, value in bound.items():
             if name in NOT_CONDITIONING or value is None:
                 continue
-            items = value.items() if isinstance(value, dict) else [("", value)]
+            if isinstance(value, dict):
+                items = value.items()
+            elif isinstance(value, (list, tuple)):  # Z-Image's per-row caption list
+                items = [(str(i), v) for i, v in enumerate(value)]
+            else:
+                items = [("", value)]
             for key, v in items:
                 if isinstance(v, torch.Tensor):
                     inputs[f"{name}.{key}" if key else name] = v.detach().clone()
@@ -71,7 +76,9 @@ def test_trainer_conditioning_is_what_the_sampler_feeds_the_network(tmp_path, ti
     trainer = make_trainer(tmp_path, tiny_model_factory(family))
     ctx, fam = trainer.context, trainer.family
     network = fam.network
-    x = torch.randn(1, int(network.config.in_channels), 4, 4, generator=torch.Generator().manual_seed(0))
+    # the sampler's latent size (32 px): FLUX's img_ids depend on it
+    f = fam.vae_scale_factor
+    x = torch.randn(1, fam.latent_channels, 32 // f, 32 // f, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0]) if fam.prediction_type == "flow" else torch.tensor([500])
 
     spy = ForwardSpy(network)
@@ -83,8 +90,10 @@ def test_trainer_conditioning_is_what_the_sampler_feeds_the_network(tmp_path, ti
         trained_cond, trained_uncond = spy.calls
         spy.calls.clear()
         network.eval()
-        # one forward per branch (batch_branches=False), in the guidance's branch order
-        sampler = GuidedSampler(fam, CFG(fam.default_guidance_scale), batch_branches=False)
+        # one forward per branch (batch_branches=False), in the guidance's branch order; FLUX's default scale
+        # is 1 (no CFG), so it gets 4 as true CFG
+        scale = fam.default_guidance_scale if fam.default_guidance_scale > 1 else 4.0
+        sampler = GuidedSampler(fam, CFG(scale), batch_branches=False, true_cfg=True)
         state = sampler.prepare(sampler.specs(PROMPT, seeds=0), num_inference_steps=2, height=32, width=32)
         sampler.step(state, state.timesteps[0])
     finally:
@@ -93,12 +102,15 @@ def test_trainer_conditioning_is_what_the_sampler_feeds_the_network(tmp_path, ti
     assert set(sampled) == {"pos", "uncond"}
     assert_same_inputs(trained_cond, sampled["pos"], f"{family} prompt")
     assert_same_inputs(trained_uncond, sampled["uncond"], f"{family} unconditional")
-    assert not torch.equal(trained_cond["encoder_hidden_states"], trained_uncond["encoder_hidden_states"])
+    text = "cap_feats.0" if family == "zimage" else "encoder_hidden_states"
+    assert not torch.equal(trained_cond[text], trained_uncond[text])
     if family == "sdxl":  # the stock SDXL default negative: zeros (force_zeros_for_empty_prompt)
         assert fam.pipe.config.force_zeros_for_empty_prompt
         assert not trained_uncond["encoder_hidden_states"].any()
         assert torch.equal(trained_uncond["added_cond_kwargs.time_ids"], torch.tensor([[32.0, 32, 0, 0, 32, 32]]))
-    if family == "sd3":  # CLIP-L/G tokens (77) followed by the T5 tokens: 256, the stock pipeline's default
+    if family == "flux":  # the guidance embedding of dev checkpoints, the same value in training and sampling
+        assert torch.equal(trained_cond["guidance"], torch.tensor([3.5]))
+    if family in ("sd3", "sd35"):  # CLIP-L/G tokens (77) followed by the T5 tokens: 256, the stock pipeline's default
         stock_default = inspect.signature(type(fam.pipe).__call__).parameters["max_sequence_length"].default
         assert fam.max_sequence_length == stock_default == 256
         assert trained_cond["encoder_hidden_states"].shape[1] == 77 + 256

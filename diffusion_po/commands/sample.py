@@ -79,6 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cfg (negative prompt replaces the empty prompt), composable, perp-neg, npo (cfg that requires NPO weights)")
     g.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=None,
                    help="s (default: 7.5 SD, 5 SDXL, 7 SD3)")
+    g.add_argument("--true-cfg", action="store_true",
+                   help="FLUX.1-dev (guidance-distilled): run CFG / negative prompts / Perp-Neg / NPO as true-CFG "
+                        "branches (diffusers' true_cfg_scale); without it only --guidance-scale 1 is accepted")
+    g.add_argument("--embedded-guidance", type=float, default=None,
+                   help="FLUX.1-dev's embedded guidance (FluxPipeline's guidance_scale; default 3.5)")
     g.add_argument("--guidance-rescale", type=float, default=0.0, help="phi of Lin et al. guidance rescale (0 = off)")
     g.add_argument("--scheduler", help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm++, dpm++_karras, dpm++_sde, unipc, "
                    "flow_euler, flow_heun, or a diffusers class name (default: the model's)")
@@ -167,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
 
             compile_regions(negative.network, family_for_pipeline(pipe).repeated_blocks)
     fam = family_for_pipeline(pipe)
+    if args.embedded_guidance is not None:
+        if not getattr(fam, "guidance_distilled", False):
+            raise UserError(f"--embedded-guidance applies to guidance-distilled FLUX.1-dev checkpoints, not {args.model}")
+        fam.guidance_scale = float(args.embedded_guidance)
     dh, dw = fam.default_size()
     height = args.height or args.resolution or dh
     width = args.width or args.resolution or dw
@@ -188,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         **guidance.describe(),
         "scheduler": type(pipe.scheduler).__name__, "steps": steps, "eta": args.eta,
         "height": height, "width": width, "dtype": args.dtype, "compile": args.compile, "family": fam.name,
+        "true_cfg": args.true_cfg, "embedded_guidance": getattr(fam, "guidance_scale", None),
         "diffusion_po_version": __version__,
     }
 
@@ -209,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
         bar.update(len(indices))
 
     try:
-        images = generate(pipe, specs, guidance=guidance, negative_model=negative, steps=steps, height=height,
-                          width=width, batch_size=args.batch_size, eta=args.eta, on_batch=save)
+        images = generate(fam, specs, guidance=guidance, negative_model=negative, steps=steps, height=height,
+                          width=width, batch_size=args.batch_size, eta=args.eta, on_batch=save, true_cfg=args.true_cfg)
     except ValueError as exc:  # bad combinations found while building branches
         raise UserError(str(exc)) from exc
     finally:

@@ -1,6 +1,7 @@
-"""Model families behind one interface: `sd` (SD 1.x/2.x), `sdxl`, `sd3` (DiT, flow matching)."""
+"""Model families behind one interface: `sd` (SD 1.x/2.x), `sdxl`, `sd3` (SD3 and SD3.5; DiT, flow matching),
+`flux` (FLUX.1 dev and schnell), `zimage` (Z-Image: a decoder-LLM text encoder)."""
 
-from diffusion_po.families import flow, sd  # noqa: F401  (registers the families)
+from diffusion_po.families import flow, flux, sd, zimage  # noqa: F401  (registers the families)
 from diffusion_po.families.base import (
     Conditioning,
     Family,

@@ -310,6 +310,10 @@ class Family:
             kwargs["generator"] = generators
         return kwargs
 
+    def check_guidance(self, n_branches: int, true_cfg: bool) -> None:
+        """Refuse guidance this checkpoint cannot take as asked (a guidance-distilled FLUX.1-dev needs
+        `true_cfg` for more than one branch). Default: anything goes."""
+
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> VAE latents (latents_mean/std, or shift/scale factors)."""
         cfg = self.vae.config

@@ -174,6 +174,7 @@ def generate(
     output_type: str = "pil",
     progress: bool = False,
     on_batch: Callable[[list[int], list[Any]], None] | None = None,
+    true_cfg: bool = False,
 ) -> list[Any]:
     """Generate one image per prompt, in input order. The stable entry point for other modules.
 
@@ -185,6 +186,7 @@ def generate(
     negative_model: an NPO `NegativeModel` (see `load_sampling_pipeline`).
     scheduler: a short name or diffusers class name; replaces `pipe.scheduler`.
     on_batch(indices, images): called after each batch (to save as you go).
+    true_cfg: CFG branches on a guidance-distilled FLUX.1-dev as true CFG (see `GuidedSampler`).
     Returns PIL images (output_type 'pil'), or arrays/tensors/latents for 'np'/'pt'/'latent'.
     """
     family = _as_family(pipe_or_family)
@@ -192,7 +194,7 @@ def generate(
     if guidance is None or isinstance(guidance, str):
         default_scale = family.default_guidance_scale
         guidance = make_guidance(guidance or "cfg", scale if scale is not None else default_scale, rescale)
-    sampler = GuidedSampler(family, guidance, negative_model)
+    sampler = GuidedSampler(family, guidance, negative_model, true_cfg=true_cfg)
     specs = GuidedSampler.specs(list(prompts), weighted(negative_prompt), weighted(positive_prompts), seeds)
     # group by structure, keep order within groups
     groups: dict[tuple[int, int], list[int]] = {}

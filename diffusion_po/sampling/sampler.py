@@ -86,6 +86,9 @@ class GuidedSampler:
     guidance: `CFG(scale)` by default, with the family's usual scale.
     negative_model: a `NegativeModel` (NPO) or None.
     batch_branches: False runs each branch in its own forward (the reference Perp-Neg's way, less memory).
+    true_cfg: run CFG / negative prompts / Perp-Neg / NPO on a guidance-distilled checkpoint (FLUX.1-dev) as
+    true-CFG branches (diffusers' `true_cfg_scale`); without it such a checkpoint takes only guidance scale 1.
+    Families whose CFG is always true CFG (`uses_true_cfg`, e.g. FLUX.1-schnell) do not need it.
     """
 
     def __init__(
@@ -95,8 +98,10 @@ class GuidedSampler:
         negative_model: NegativeModel | None = None,
         batch_branches: bool = True,
         progress: bool = False,
+        true_cfg: bool = False,
     ):
         self.family: Family = family_for_pipeline(pipe)
+        self.true_cfg = bool(true_cfg)
         self.pipe = self.family.pipe
         self.guidance = guidance if guidance is not None else CFG(self.family.default_guidance_scale)
         if self.guidance.requires_negative_model and negative_model is None:
@@ -203,6 +208,7 @@ class GuidedSampler:
             raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
         b = len(specs)
         branches = self.guidance.branches(n_pos, n_neg)
+        fam.check_guidance(len(branches), self.true_cfg)
 
         # encode all prompt texts in one call (as training encodes them), the unconditional branch by the
         # family's empty-prompt policy (the stock pipeline's default negative)
