@@ -214,7 +214,7 @@ def write_cache(
     The VAE and text encoders run in `cfg.mixed_precision` as in training; tensors are stored in `dtype`.
     """
     from diffusion_po.families import load_family
-    from diffusion_po.training.trainer import weight_dtype_of
+    from diffusion_po.training.trainer import place_family
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
@@ -230,7 +230,7 @@ def write_cache(
     if (folder / META_FILE).exists() and not overwrite:
         raise UserError(f"{folder} already holds a cache for this model and resolution; pass --overwrite to redo it")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    family.to(dev, weight_dtype_of(cfg.mixed_precision))
+    place_family(family, cfg, dev)
     store = DTYPES[dtype]
 
     rows, source = load_rows(data, streaming=False)
@@ -320,7 +320,7 @@ def write_cache(
             index["row_ids"].append(rid)
             index["label_0"].append(float("nan") if lab is None else float(lab))
             if isinstance(e, BadRow):
-                bad_rows[str(rid)] = e.reason
+                bad_rows[str(rid)] = e.describe()  # names the file and row
                 index["shard"].append(-1)
                 index["offset"].append(-1)
             else:

@@ -86,6 +86,9 @@ class StableDiffusionXLFamily(_DDPMFamily):
     name: ClassVar[str] = "sdxl"
     pipeline_class_names: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     row_keys: ClassVar[tuple[str, ...]] = ("time_ids",)
+    sdxl_time_ids: str = "image"
+    """`image`: each image's original size and crop; `fixed`: [res, res, 0, 0, res, res] for every image
+    (what the Diffusion-DPO repository trained its DPO-SDXL with). Set from the config's `sdxl_time_ids`."""
 
     @torch.no_grad()
     def encode_prompts(self, prompts, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
@@ -97,10 +100,13 @@ class StableDiffusionXLFamily(_DDPMFamily):
         return self.row_conditioning(cond, original_sizes, crop_top_lefts, resolution)
 
     def row_conditioning(self, cond, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
-        """`time_ids` = (original h, w) + (crop top, left) + (target h, w), per image."""
+        """`time_ids` = (original h, w) + (crop top, left) + (target h, w), per image (or fixed, see
+        `sdxl_time_ids`)."""
         device = cond["prompt_embeds"].device
         n = cond["prompt_embeds"].shape[0]
         res = resolution or self.default_resolution
+        if self.sdxl_time_ids == "fixed":
+            original_sizes = crop_top_lefts = None
         if original_sizes is None:
             original_sizes = torch.tensor([[res, res]] * n)
         if crop_top_lefts is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffusion_po.config import TrainConfig, save_config, to_dict
+from diffusion_po.config import TrainConfig, resolve_total_batch, save_config, to_dict
 from diffusion_po.data import build_train_data
 from diffusion_po.errors import DataError, UserError
 from diffusion_po.families import Conditioning, Family, compile_regions, cond_to, load_family
@@ -49,6 +49,8 @@ class TrainState:
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     bad_rows: int = 0
+    """Distinct bad rows seen so far, over all processes."""
+    bad_row_ids: list[Any] = field(default_factory=list)
     generator_state: torch.Tensor | None = None
     method_state: dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +63,13 @@ class TrainState:
 
 def weight_dtype_of(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def place_family(family: Family, cfg: TrainConfig, device: torch.device, encoders: bool = True) -> None:
+    """Move the frozen parts to `device` in the run's weight dtype; the VAE in fp32 with `upcast_vae`."""
+    family.to(device, weight_dtype_of(cfg.mixed_precision), encoders=encoders)
+    if cfg.upcast_vae:
+        family.vae.to(torch.float32)
 
 
 class Context:
@@ -188,6 +197,9 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / cfg.logging_dir)),
         )
+        # total_batch_size: the accumulation follows from the process count, known only now
+        self.cfg = cfg = resolve_total_batch(cfg, self.accelerator.num_processes)
+        self.accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
         method_cls = get_method_class(cfg.method)
         self.method_formats: tuple[str, ...] = tuple(method_cls.data_formats)
         if cfg.data.format not in method_cls.data_formats and cfg.data.format != "cache":
@@ -211,7 +223,11 @@ class Trainer:
 
             self.cache_fingerprint = fingerprint(family)
         encoders = cfg.encoders_on_device if cfg.encoders_on_device is not None else cfg.data.format != "cache"
-        self.family.to(self.accelerator.device, self.weight_dtype, encoders=encoders)
+        place_family(self.family, cfg, self.accelerator.device, encoders=encoders)
+        if cfg.sdxl_time_ids != "image":
+            if not hasattr(self.family, "sdxl_time_ids"):
+                raise UserError(f"sdxl_time_ids: {cfg.sdxl_time_ids} is for SDXL models, not {type(self.family).__name__}")
+            self.family.sdxl_time_ids = cfg.sdxl_time_ids
         network = self.family.network
         self.reference: torch.nn.Module | None = None
         self.channels_last = _want_channels_last(cfg, self.family, self.accelerator.device)
@@ -482,15 +498,26 @@ class Trainer:
         return dict(zip(keys, values.tolist()))
 
     def _note_bad_rows(self, batch: dict[str, Any]) -> None:
-        bad = batch.get("bad_rows") or []
+        """Count the distinct bad rows of all processes (a row drawn again in a later epoch counts once) and
+        warn once per row, naming its file and row."""
+        acc = self.accelerator
+        bad = list(batch.get("bad_rows") or [])
+        if acc.num_processes > 1:  # a one-number gather each micro-step; the rows themselves only when any
+            from accelerate.utils import gather_object
+
+            count = acc.gather(torch.tensor([len(bad)], device=acc.device)).sum().item()
+            bad = gather_object(bad) if count else []
         if not bad:
             return
         if self.cfg.data.strict:
-            row_id, reason = bad[0]
-            raise DataError(f"row {row_id}: {reason} (data.strict is on; set it off to skip and count bad rows)")
-        self.state.bad_rows += len(bad)
-        for row_id, reason in bad[:3]:
-            logger.warning("skipped row %s: %s", row_id, reason)
+            raise DataError(f"{bad[0][1]} (data.strict is on; set it off to skip and count bad rows)")
+        seen = set(self.state.bad_row_ids)
+        new = [(row_id, text) for row_id, text in dict(bad).items() if row_id not in seen]
+        self.state.bad_row_ids.extend(row_id for row_id, _ in new)
+        self.state.bad_rows = len(self.state.bad_row_ids)
+        if acc.is_main_process:
+            for _, text in new[:3]:
+                logger.warning("skipped %s", text)
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path | None:
