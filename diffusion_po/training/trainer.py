@@ -393,10 +393,10 @@ class Trainer:
         for batch in loader:
             if self.state.step >= cfg.max_train_steps:
                 break
-            self._note_bad_rows(batch)
+            fewest_rows = self._note_bad_rows(batch)
             self.state.micro_step += 1
             good_rows_seen += batch["size"]
-            if batch["size"] == 0:
+            if fewest_rows == 0:  # all processes skip together (one alone would hang the others' collectives)
                 if self.state.micro_step >= 50 and good_rows_seen == 0:
                     raise DataError(f"{data.source}: the first {self.state.micro_step} batches had no usable rows")
                 continue
@@ -497,18 +497,20 @@ class Trainer:
         values = self.accelerator.reduce(values, reduction="mean")
         return dict(zip(keys, values.tolist()))
 
-    def _note_bad_rows(self, batch: dict[str, Any]) -> None:
+    def _note_bad_rows(self, batch: dict[str, Any]) -> int:
         """Count the distinct bad rows of all processes (a row drawn again in a later epoch counts once) and
-        warn once per row, naming its file and row."""
+        warn once per row, naming its file and row. Returns the fewest usable rows any process got."""
         acc = self.accelerator
         bad = list(batch.get("bad_rows") or [])
-        if acc.num_processes > 1:  # a one-number gather each micro-step; the rows themselves only when any
+        fewest = batch["size"]
+        if acc.num_processes > 1:  # two numbers gathered each micro-step; the rows themselves only when any
             from accelerate.utils import gather_object
 
-            count = acc.gather(torch.tensor([len(bad)], device=acc.device)).sum().item()
-            bad = gather_object(bad) if count else []
+            counts = acc.gather(torch.tensor([[len(bad), batch["size"]]], device=acc.device))
+            fewest = int(counts[:, 1].min().item())
+            bad = gather_object(bad) if counts[:, 0].sum().item() else []
         if not bad:
-            return
+            return fewest
         if self.cfg.data.strict:
             raise DataError(f"{bad[0][1]} (data.strict is on; set it off to skip and count bad rows)")
         seen = set(self.state.bad_row_ids)
@@ -518,6 +520,7 @@ class Trainer:
         if acc.is_main_process:
             for _, text in new[:3]:
                 logger.warning("skipped %s", text)
+        return fewest
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path | None:
