@@ -237,6 +237,14 @@ def test_bad_data_sets_give_clear_errors(tmp_path, tiny_model_factory):
         train(load_train_config(make_config(tmp_path, model, tmp_path / "missing.parquet")))
 
 
+def test_damaged_data_file_is_one_line_from_the_cli(tmp_path, tiny_model_factory, capsys):
+    garbage = tmp_path / "train.parquet"
+    garbage.write_bytes(b"\x00garbage" * 50)
+    assert main(["train", str(make_config(tmp_path, tiny_model_factory("sd"), garbage))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{garbage} is not a readable parquet file" in err and "Traceback" not in err
+
+
 def test_missing_model_and_resume_folder(tmp_path, tiny_model_factory, pickapic, capsys):
     cfg = make_config(tmp_path, str(tmp_path / "no_such_model"), pickapic)
     assert main(["train", str(cfg)]) == 2
