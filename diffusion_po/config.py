@@ -80,6 +80,11 @@ class TrainConfig:
     train_batch_size: int = 1
     """Pairs (or examples) per device per micro-step."""
     gradient_accumulation_steps: int = 1
+    total_batch_size: int | None = None
+    """Pairs (or examples) per optimizer update over all processes. When set, the trainer derives
+    gradient_accumulation_steps = total_batch_size / (train_batch_size x processes) once it knows the process
+    count (a ConfigError if that does not divide), so a recipe keeps its batch on any number of GPUs; with
+    `scale_lr` the learning rate is then learning_rate x total_batch_size on any number of GPUs."""
     max_train_steps: int = 2000
     learning_rate: float = 1e-8
     scale_lr: bool = False
@@ -94,6 +99,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
 
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """`no` (YAML reads a bare `no` as false: both mean fp32), fp16 or bf16."""
+    upcast_vae: bool = False
+    """Keep the VAE in fp32 whatever mixed_precision is (the diffusers SDXL DPO example keeps even the fp16-fix
+    VAE in fp32 "to avoid NaN losses"); false: fp32 only where the VAE's config asks (force_upcast)."""
+    sdxl_time_ids: Literal["image", "fixed"] = "image"
+    """SDXL micro-conditioning: `image` = each image's original size and crop (the diffusers example);
+    `fixed` = [res, res, 0, 0, res, res] for every image (the Diffusion-DPO repository, its released DPO-SDXL)."""
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
     allow_tf32: bool = True
@@ -210,6 +222,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         )
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "no" in choices:  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
+            value = "no"
         if value not in choices:
             raise ConfigError(f"{source}: key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
         return value
@@ -366,6 +380,9 @@ def validate(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: key 'pretrained_model_name_or_path' is required (a local folder or hub id)")
     if cfg.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise ConfigError(f"{source}: key 'report_to' must be tensorboard, wandb, all or none")
+    if cfg.total_batch_size is not None and cfg.total_batch_size <= 0:
+        raise ConfigError(f"{source}: key 'total_batch_size' must be positive, got {cfg.total_batch_size}")
+    _check_lr_scheduler(cfg.lr_scheduler, source)
     resolve_method_options(cfg, source)
 
 
@@ -394,6 +411,39 @@ def default_num_workers(cfg: TrainConfig, device_type: str, num_processes: int =
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     wanted = 2 if cfg.data.format == "cache" else 4
     return max(0, min(wanted, cores // max(1, num_processes) - 1))
+
+
+def _check_lr_scheduler(name: str, source: str) -> None:
+    """`lr_scheduler` must be one of diffusers' `get_scheduler` names (checked before any model loads)."""
+    import difflib
+
+    from diffusers.optimization import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: key 'lr_scheduler' is {name!r}{hint}; choose one of {', '.join(names)}")
+
+
+def resolve_total_batch(cfg: TrainConfig, num_processes: int) -> TrainConfig:
+    """`cfg` with gradient_accumulation_steps derived from `total_batch_size` for `num_processes` processes
+    (unchanged when total_batch_size is not set)."""
+    if cfg.total_batch_size is None:
+        return cfg
+    per_step = cfg.train_batch_size * num_processes
+    steps, rest = divmod(cfg.total_batch_size, per_step)
+    if rest or steps == 0:
+        raise ConfigError(
+            f"total_batch_size {cfg.total_batch_size} is not a multiple of train_batch_size {cfg.train_batch_size} "
+            f"x {num_processes} process(es) = {per_step}; change train_batch_size, the process count or total_batch_size"
+        )
+    if cfg.gradient_accumulation_steps not in (1, steps):
+        raise ConfigError(
+            f"total_batch_size {cfg.total_batch_size} sets gradient_accumulation_steps ({steps} on {num_processes} "
+            f"process(es)); drop gradient_accumulation_steps: {cfg.gradient_accumulation_steps} or total_batch_size"
+        )
+    return dataclasses.replace(cfg, gradient_accumulation_steps=steps)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -160,3 +160,42 @@ def test_saved_run_config_round_trips(tmp_path, name):
     again = load_train_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert "beta_dpo" not in yaml.safe_load((tmp_path / "config.yaml").read_text())  # under method_options only
+def test_lr_scheduler_typo_is_refused_before_any_model_loads(tmp_path):
+    """The model path does not exist: only a check in `validate` can name the scheduler typo."""
+    path = write(tmp_path, {"pretrained_model_name_or_path": str(tmp_path / "no_model"), "lr_scheduler": "cosin"})
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(path)
+    msg = str(exc.value)
+    assert "lr_scheduler" in msg and "'cosine'" in msg and str(path) in msg and "\n" not in msg
+    assert load_train_config(path, ["lr_scheduler=cosine_with_restarts"]).lr_scheduler == "cosine_with_restarts"
+
+
+def test_mixed_precision_no_from_yaml_and_set(tmp_path):
+    """YAML 1.1 reads a bare `no` as false; `mixed_precision: no` and `--set mixed_precision=no` mean fp32."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("pretrained_model_name_or_path: m\nmixed_precision: no\n")
+    assert load_train_config(path).mixed_precision == "no"
+    assert load_train_config(path, ["mixed_precision=bf16"]).mixed_precision == "bf16"
+    assert load_train_config(path, ["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="use_lora.*true or false"):  # plain booleans are still checked
+        load_train_config(path, ["use_lora=maybe"])
+
+
+def test_total_batch_size_sets_the_accumulation_from_the_process_count(tmp_path):
+    from diffusion_po.config import resolve_total_batch
+
+    path = write(tmp_path, {"pretrained_model_name_or_path": "m", "train_batch_size": 2, "total_batch_size": 64})
+    cfg = load_train_config(path)
+    assert [resolve_total_batch(cfg, n).gradient_accumulation_steps for n in (1, 2, 4, 32)] == [32, 16, 8, 1]
+    with pytest.raises(ConfigError, match=r"not a multiple.*2 x 3 process\(es\) = 6"):
+        resolve_total_batch(cfg, 3)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        resolve_total_batch(cfg, 64)  # fewer pairs than one micro-step of all processes
+    clash = load_train_config(path, ["gradient_accumulation_steps=4"])
+    with pytest.raises(ConfigError, match="drop gradient_accumulation_steps: 4"):
+        resolve_total_batch(clash, 1)
+    assert resolve_total_batch(clash, 8).gradient_accumulation_steps == 4  # agrees: accepted
+    plain = load_train_config(path, ["total_batch_size=null", "gradient_accumulation_steps=3"])
+    assert resolve_total_batch(plain, 4).gradient_accumulation_steps == 3
+    with pytest.raises(ConfigError, match="total_batch_size.*positive"):
+        load_train_config(path, ["total_batch_size=0"])

@@ -130,3 +130,79 @@ def test_streaming_reads_shards(tmp_path):
     batches = [next(it) for _ in range(4)]  # more than one pass over 12 rows
     assert all(b["size"] == 4 for b in batches)
     assert data.num_rows is None
+
+
+def _one_line_data_error(cfg: DataConfig) -> str:
+    with pytest.raises(DataError) as exc:
+        first_batch(cfg, per_device=2)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_damaged_and_empty_files_stop_with_their_name(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = write_pickapic(tmp_path / "good.parquet", n=4)
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 but not really a parquet file" * 10)
+    zero_rows = tmp_path / "zero.parquet"
+    pq.write_table(pa.table({k: pa.array([], pa.string()) for k in ("caption", "jpg_0", "jpg_1")}), zero_rows)
+    for bad, words in [(empty, "empty (0 bytes)"), (garbage, "not a readable parquet file"), (zero_rows, "0 rows")]:
+        msg = _one_line_data_error(DataConfig(format="pickapic", data_files=[str(good), str(bad)]))
+        assert str(bad) in msg and words in msg
+    lines = [json.dumps({"prompt": "a red square", "chosen": "w.png", "rejected": "l.png"})] * 3
+    lines[1] = '{"prompt": "a red square", "chosen": "w.png"'  # cut short
+    broken = tmp_path / "pairs.jsonl"
+    broken.write_text("\n".join(lines) + "\n")
+    msg = _one_line_data_error(DataConfig(format="pairs", data_files=[str(broken)]))
+    assert f"{broken}, line 2: not valid JSON" in msg
+    broken.write_text("\n".join([lines[0], "[1, 2]", lines[2]]) + "\n")
+    assert "line 2: expected a JSON object" in _one_line_data_error(DataConfig(format="pairs", data_files=[str(broken)]))
+
+
+def test_bad_rows_name_their_file_and_row(tmp_path):
+    a = write_pickapic(tmp_path / "a.parquet", n=4)
+    b = write_pickapic(tmp_path / "b.parquet", n=4, seed=1, corrupt=[2])
+    data = build_train_data(DataConfig(format="pickapic", data_files=[str(a), str(b)]), 16, 8, 0, 1, 0)
+    batch = next(iter(data.loader))
+    assert [(row_id, text.split(": ")[0]) for row_id, text in batch["bad_rows"]] == [(6, f"{b} row 2")]
+    assert "UnidentifiedImageError" in batch["bad_rows"][0][1]
+
+
+def test_mixed_size_pair_each_image_resized_and_cropped_on_its_own():
+    """The references resize and crop each image of a pair on its own (no squashing of the loser to the winner's
+    aspect ratio); SDXL's original size and crop are jpg_0's."""
+    wide = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (32, 1, 3)))  # 64 x 32
+    tall = Image.fromarray(np.tile(np.linspace(0, 255, 48, dtype=np.uint8)[:, None, None], (1, 24, 3)))  # 24 x 48
+    transform = PairTransform(16, center_crop=True, random_flip=False)
+    rng = random.Random(0)
+    alone = [transform([im], rng)[0][0] for im in (wide, tall)]
+    pixels, original, crop = transform([wide, tall], rng)
+    torch.testing.assert_close(pixels[0], alone[0])
+    torch.testing.assert_close(pixels[1], alone[1])  # not squashed to the wide image's shape
+    assert original == (32, 64) and crop == (0, 8)
+    pixels, original, crop = transform([wide, tall], rng, size_from=1)
+    assert original == (48, 24) and crop == (8, 0)
+
+
+def test_sdxl_original_size_is_jpg_0s_whichever_image_wins(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows = {"caption": ["a", "b"], "jpg_0": [png((40, 20)), png((40, 20))], "jpg_1": [png((24, 36)), png((24, 36))],
+            "label_0": [1.0, 0.0]}
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table(rows), path)
+    batch, _ = first_batch(DataConfig(format="pickapic", data_files=[str(path)], random_flip=False), per_device=2)
+    assert batch["original_sizes"].tolist() == [[20, 40], [20, 40]]

@@ -137,8 +137,8 @@ def _tiny_t5(folder: Path) -> Path:
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
     words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "green", "square", "lexical", "=", "order", "<sent>",
-             "</sent>", ",", "0", "40", "60", "80", "Paraphrase", "and", "perturb", "the", "following", "image",
-             "caption:"]
+             "</sent>", ",", "0", "20", "40", "60", "100", "Paraphrase", "and", "perturb", "the", "following",
+             "image", "caption:", "caption."]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
@@ -168,6 +168,16 @@ def test_transformers_captioner_and_paraphraser_by_path(tmp_path):
     assert len(para(["a red square", "a blue square"])) == 2
     with pytest.raises(Exception, match="could not load"):
         C.TransformersCaptioner(str(tmp_path / "missing"))
+
+
+def test_dipper_input_is_the_dcpo_repos(tmp_path):
+    """DCPO-T2I perturb_caption.py: DIPPER's control codes are 100 - diversity (weak/medium/strong lexical
+    diversity 40/60/80 -> lexical = 60/40/20; order diversity 0 -> order = 100), the prefix inside the input."""
+    t5 = _tiny_t5(tmp_path / "t5")
+    prefix = "Paraphrase and perturb the following image caption."
+    for strength, code in [("weak", 60), ("medium", 40), ("strong", 20)]:
+        para = C.TransformersParaphraser(str(t5), "dipper", strength)
+        assert para.inputs(["a red square"]) == [f"lexical = {code}, order = 100 {prefix} <sent> a red square </sent>"]
 
 
 def redness(images, prompts):

@@ -301,3 +301,33 @@ def test_toy_methods_take_the_dpo_defaults_method_settings_only_if_they_read_the
     with pytest.raises(ConfigError, match="'beta_dpo' is not read by method 'kto'"):  # given by the user: an error
         trainer_config(ToyRunConfig(config=str(path.with_name("toy_kto.yaml")), overrides=["beta_dpo=100"]),
                        tmp_path, tmp_path / "p.parquet", tmp_path / "train")
+def _text_encoder_loading_info(folder: Path) -> dict:
+    from transformers import CLIPTextModel
+
+    _, info = CLIPTextModel.from_pretrained(folder / "text_encoder", output_loading_info=True)
+    return {k: sorted(v) for k, v in info.items() if k != "error_msgs"}
+
+
+def test_shipped_toy_text_encoder_loads_every_weight():
+    """The shipped base's text encoder: no missing, unexpected or mismatched weights (a missing one would be
+    random), stored under `text_model.` as every SD checkpoint (what transformers 4 reads too)."""
+    from safetensors import safe_open
+
+    assert _text_encoder_loading_info(build.ASSET_DIR) == {"missing_keys": [], "unexpected_keys": [],
+                                                          "mismatched_keys": []}
+    with safe_open(str(build.ASSET_DIR / "text_encoder" / "model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)
+
+
+def test_builder_writes_the_classic_text_encoder_layout(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16))
+    model.save_pretrained(tmp_path / "text_encoder")
+    build.classic_text_encoder_keys(tmp_path / "text_encoder" / "model.safetensors")
+    assert _text_encoder_loading_info(tmp_path) == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    loaded = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

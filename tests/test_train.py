@@ -186,6 +186,43 @@ def test_bad_rows_are_counted_or_stop_in_strict_mode(tmp_path, tiny_model_factor
         train(load_train_config(cfg))
 
 
+def test_bad_rows_counts_distinct_rows_not_visits(tmp_path, tiny_model_factory, caplog):
+    """8 rows, 2 of them bad, batch 2: 6 steps (12 draws) pass over every row at least once, some twice; the count
+    stays 2 and each bad row is logged once, with its file and row."""
+    data = write_pickapic(tmp_path / "bad.parquet", n=8, corrupt=[1, 5])
+    cfg = make_config(tmp_path, tiny_model_factory("sd"), data, max_train_steps=6, use_lora=True)
+    with caplog.at_level("WARNING", logger="diffusion_po.train"):
+        assert main(["train", str(cfg)]) == 0
+    rows = read_metrics(tmp_path / "out")
+    assert rows[-1]["bad_rows"] == 2
+    warned = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped"))
+    assert len(warned) == 2
+    assert warned[0].startswith(f"skipped {data} row 1: UnidentifiedImageError")
+    assert warned[1].startswith(f"skipped {data} row 5: UnidentifiedImageError")
+
+
+@pytest.mark.slow
+def test_bad_rows_are_distinct_over_processes(tmp_path, tiny_model_factory):
+    """2 processes: each decodes its half of every global batch, so the bad row, met on either process in 8
+    epochs, counts once, as in 1 process; a micro-batch with no usable row on one process is skipped by all
+    (not a hang)."""
+    data = write_pickapic(tmp_path / "bad.parquet", n=8, corrupt=[1])
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    model = tiny_model_factory("sd")
+    cfg1 = make_config(one, model, data, train_batch_size=2, max_train_steps=32, use_lora=True)  # 8 epochs
+    cfg2 = make_config(two, model, data, train_batch_size=1, max_train_steps=32, use_lora=True)
+    assert main(["train", str(cfg1)]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+         "-m", "diffusion_po.cli", "train", str(cfg2)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(one / "out")[-1]["bad_rows"] == read_metrics(two / "out")[-1]["bad_rows"] == 1
+
+
 def test_bad_data_sets_give_clear_errors(tmp_path, tiny_model_factory):
     from diffusion_po.training.trainer import train
 
@@ -198,6 +235,14 @@ def test_bad_data_sets_give_clear_errors(tmp_path, tiny_model_factory):
         train(load_train_config(make_config(tmp_path, model, all_ties)))
     with pytest.raises(DataError, match="not found"):
         train(load_train_config(make_config(tmp_path, model, tmp_path / "missing.parquet")))
+
+
+def test_damaged_data_file_is_one_line_from_the_cli(tmp_path, tiny_model_factory, capsys):
+    garbage = tmp_path / "train.parquet"
+    garbage.write_bytes(b"\x00garbage" * 50)
+    assert main(["train", str(make_config(tmp_path, tiny_model_factory("sd"), garbage))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{garbage} is not a readable parquet file" in err and "Traceback" not in err
 
 
 def test_missing_model_and_resume_folder(tmp_path, tiny_model_factory, pickapic, capsys):

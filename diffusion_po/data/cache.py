@@ -231,7 +231,7 @@ def write_cache(
     if (folder / META_FILE).exists() and not overwrite:
         raise UserError(f"{folder} already holds a cache for this model and resolution; pass --overwrite to redo it")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    family.to(dev, weight_dtype_of(cfg.mixed_precision))
+    family.to(dev, weight_dtype_of(cfg.mixed_precision), upcast_vae=cfg.upcast_vae)
     store = DTYPES[dtype]
 
     rows, source = load_rows(data, streaming=False)
@@ -321,7 +321,7 @@ def write_cache(
             index["row_ids"].append(rid)
             index["label_0"].append(float("nan") if lab is None else float(lab))
             if isinstance(e, BadRow):
-                bad_rows[str(rid)] = e.reason
+                bad_rows[str(rid)] = e.describe()  # names the file and row
                 index["shard"].append(-1)
                 index["offset"].append(-1)
             else:

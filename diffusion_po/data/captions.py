@@ -33,10 +33,13 @@ Captioner = Callable[[list[Any], list[str]], list[str]]
 Perturber = Callable[[list[str]], list[str]]
 STRATEGIES = ("captioning", "perturbation", "hybrid")
 STRENGTHS = {"weak": 1, "medium": 2, "strong": 4}
-# DIPPER's lexical diversity per strength (the DCPO repo's weak/medium/strong = 40/60/80)
-DIPPER_LEXICAL = {"weak": 40, "medium": 60, "strong": 80}
+# DIPPER's lexical control code per strength. DIPPER's codes are 100 - diversity: the DCPO repo's
+# weak/medium/strong lexical diversity 40/60/80 with order diversity 0 is written as lexical = 60/40/20,
+# order = 100, with its prefix inside the input (DCPO-T2I src/perturb_caption.py, as the official DIPPER code)
+DIPPER_LEXICAL = {"weak": 60, "medium": 40, "strong": 20}
+DCPO_PREFIX = "Paraphrase and perturb the following image caption."
 TEMPLATES = {
-    "dipper": "lexical = {lexical}, order = 0 <sent> {text} </sent>",
+    "dipper": "lexical = {lexical}, order = 100 " + DCPO_PREFIX + " <sent> {text} </sent>",
     "plain": "Paraphrase and perturb the following image caption: {text}",
 }
 DEFAULT_CAPTION_PROMPT = (
@@ -182,8 +185,9 @@ class TransformersCaptioner:
 class TransformersParaphraser:
     """A seq2seq (T5, DIPPER, BART) or causal LM loaded by path that rewrites captions.
 
-    `template` is 'dipper' (DIPPER's "lexical = L, order = 0 <sent> text </sent>", L from the strength),
-    'plain', or any string with {text} (and optionally {lexical}). Sampling with top_p 0.75 as the DCPO repo.
+    `template` is 'dipper' (the DCPO repo's DIPPER input "lexical = L, order = 100 <prefix> <sent> text
+    </sent>", L = 100 - diversity from the strength: 60/40/20), 'plain', or any string with {text} (and
+    optionally {lexical}). Sampling with top_p 0.75 as the DCPO repo.
     """
 
     def __init__(self, path: str, template: str = "plain", strength: str = "medium", device: str | None = None,
@@ -210,8 +214,12 @@ class TransformersParaphraser:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
+    def inputs(self, texts: list[str]) -> list[str]:
+        """The model's input text for each caption."""
+        return [self.template.format(text=t, lexical=self.lexical) for t in texts]
+
     def __call__(self, texts: list[str]) -> list[str]:
-        inputs = [self.template.format(text=t, lexical=self.lexical) for t in texts]
+        inputs = self.inputs(texts)
         enc = self.tokenizer(inputs, return_tensors="pt", padding=True, truncation=True).to(self.device)
         self._torch.manual_seed(self.seed)
         with self._torch.no_grad():

@@ -11,8 +11,11 @@ order, and a 2-process run sees the same global batches as a 1-process run.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import glob
 import io
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -41,6 +44,12 @@ PAIRED_FORMATS = ("pickapic", "dcpo", "pairs")
 class BadRow:
     row_id: Any
     reason: str
+    where: str = ""
+    """The file and the row inside it (`train-0001.parquet row 17`), where known."""
+
+    def describe(self) -> str:
+        """`<file> row <n>: <reason>` (or `row <id>: <reason>` where the file is not known)."""
+        return f"{self.where or f'row {self.row_id}'}: {self.reason}"
 
 
 def _expand_files(patterns: list[str]) -> list[str]:
@@ -77,6 +86,76 @@ def _check_no_images_layout(columns: list[str] | None, fmt: str, source: str) ->
             "pickapic_v2_no_images layout. Download the images once with `diffusion-po data download "
             "FILES --out DIR` and train on data.data_files: [DIR]"
         )
+@functools.lru_cache(maxsize=4096)
+def _file_rows(path: str, size: int, mtime_ns: int) -> int | None:
+    """Rows in one data file, checked so that a damaged file stops with its name instead of a traceback
+    from deep in `datasets`: parquet (readable footer, at least one row), jsonl (every line a JSON object).
+    None where the count is not known cheaply (csv, txt, a .json array). Cached per file version."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            what = "is empty (0 bytes)" if size == 0 else f"is not a readable parquet file ({str(exc).splitlines()[0]})"
+            raise DataError(f"{path} {what}; re-download it or remove it from data.data_files") from None
+        if rows == 0:
+            raise DataError(f"{path} has 0 rows; remove it from data.data_files")
+        return rows
+    if suffix not in (".jsonl", ".json"):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    if suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # not one JSON document: read as JSON lines, as `datasets` does
+        if whole is not None:
+            return len(whole) if isinstance(whole, list) else None
+    rows = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # `datasets` skips blank lines
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}); fix or remove the line") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object (one row), got {type(value).__name__}")
+        rows += 1
+    if rows == 0:
+        raise DataError(f"{path} has 0 rows; remove it from data.data_files")
+    return rows
+
+
+def checked_row_counts(files: list[str]) -> list[int | None]:
+    """Each file's row count (see `_file_rows`); raises DataError naming a damaged or empty file."""
+    counts = []
+    for f in files:
+        stat = Path(f).stat()
+        counts.append(_file_rows(str(f), stat.st_size, stat.st_mtime_ns))
+    return counts
+
+
+class RowLocator:
+    """Global row index (as `load_rows` concatenates the files) -> `<file> row <n>`."""
+
+    def __init__(self, files: list[str], counts: list[int | None]):
+        self.files = files
+        self.starts: list[int] | None = None
+        if files and all(c is not None for c in counts):
+            self.starts = [0]
+            for c in counts:
+                self.starts.append(self.starts[-1] + c)
+
+    def __call__(self, row_id: Any) -> str:
+        if self.starts is None or not isinstance(row_id, int) or not 0 <= row_id < self.starts[-1]:
+            return ""
+        k = bisect.bisect_right(self.starts, row_id) - 1
+        return f"{self.files[k]} row {row_id - self.starts[k]}"
 
 
 def _builder_for(files: list[str]) -> str:
@@ -100,6 +179,7 @@ def load_rows(cfg: DataConfig, streaming: bool | None = None):
     if cfg.data_files:
         files = _expand_files(cfg.data_files)
         builder = _builder_for(files)
+        checked_row_counts(files)
         ds = datasets.load_dataset(builder, data_files={cfg.split: files}, split=cfg.split, streaming=streaming)
         if builder == "text":
             ds = ds.rename_column("text", "caption")
@@ -171,32 +251,39 @@ def decode_image(value: Any, root: Path | None = None) -> Image.Image:
 
 
 class PairTransform:
-    """Resize (shorter side), crop (center or random) and flip; one draw shared by both images of a pair."""
+    """Resize (shorter side) and crop (center or random) each image on its own, as the reference scripts do,
+    then flip; a pair of one size shares one crop draw, and both images share the flip."""
 
     def __init__(self, resolution: int, center_crop: bool = True, random_crop: bool = False, random_flip: bool = True):
         self.resolution = resolution
         self.random_crop = random_crop or not center_crop
         self.random_flip = random_flip
 
-    def __call__(self, images: list[Image.Image], rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-        """Returns (stacked pixels in [-1, 1], original (h, w) of the first image, crop (top, left))."""
+    def __call__(self, images: list[Image.Image], rng: random.Random, size_from: int = 0,
+                 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """Returns (stacked pixels in [-1, 1], original (h, w) and crop (top, left) of `images[size_from]`
+        (SDXL's micro-conditioning: jpg_0's, as the references)."""
         res = self.resolution
-        first = images[0]
-        original = (first.height, first.width)
-        images = [im if im.size == first.size else im.resize(first.size, Image.BICUBIC) for im in images]
-        scale = res / min(first.size)
-        new_w, new_h = max(res, round(first.width * scale)), max(res, round(first.height * scale))
-        images = [im.resize((new_w, new_h), Image.BILINEAR) for im in images]
-        if self.random_crop:
-            top, left = rng.randint(0, new_h - res), rng.randint(0, new_w - res)
-        else:
-            top, left = (new_h - res) // 2, (new_w - res) // 2
-        images = [im.crop((left, top, left + res, top + res)) for im in images]
+        crops: dict[tuple[int, int], tuple[int, int]] = {}  # resized (w, h) -> crop (top, left)
+        out, reported = [], (0, 0)
+        for k, im in enumerate(images):
+            scale = res / min(im.size)
+            new_w, new_h = max(res, round(im.width * scale)), max(res, round(im.height * scale))
+            if (new_w, new_h) not in crops:
+                if self.random_crop:
+                    crops[new_w, new_h] = rng.randint(0, new_h - res), rng.randint(0, new_w - res)
+                else:
+                    crops[new_w, new_h] = (new_h - res) // 2, (new_w - res) // 2
+            top, left = crops[new_w, new_h]
+            if k == size_from:
+                reported = (top, left)
+            out.append(im.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + res, top + res)))
         if self.random_flip and rng.random() < 0.5:
-            images = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
-        arrays = [torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1) for im in images]
+            out = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in out]
+        arrays = [torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1) for im in out]
         pixels = torch.stack(arrays).float() / 127.5 - 1.0
-        return pixels, original, (top, left)
+        original = (images[size_from].height, images[size_from].width)
+        return pixels, original, reported
 
 
 class RowDecoder:
@@ -208,12 +295,14 @@ class RowDecoder:
         self.seed = seed
         self.root = root
         self.transform = PairTransform(resolution, cfg.center_crop, cfg.random_crop, cfg.random_flip)
+        files = _expand_files(cfg.data_files) if cfg.data_files else []
+        self.locate = RowLocator(files, checked_row_counts(files))
 
     def __call__(self, row: dict[str, Any], row_id: Any, epoch: int) -> dict[str, Any] | BadRow:
         try:
             return self._decode(row, row_id, epoch)
         except Exception as exc:  # a bad row must not kill a long run: it is reported instead
-            return BadRow(row_id, f"{type(exc).__name__}: {exc}")
+            return BadRow(row_id, f"{type(exc).__name__}: {exc}", self.locate(row_id))
 
     def _caption(self, row: dict[str, Any], names: list[str]) -> str:
         text = _first(row, names)
@@ -243,17 +332,19 @@ class RowDecoder:
             label = float(label)
             images = [row["jpg_0"], row["jpg_1"]]
             captions = [row.get("caption_0"), row.get("caption_1")]
+            first = 0  # where jpg_0 (whose size SDXL's time ids take) ends up
             if label < 0.5:  # winner first; a kept tie (drop_ties: false) keeps jpg_0 first
-                images, captions = images[::-1], captions[::-1]
+                images, captions, first = images[::-1], captions[::-1], 1
             caption = self._caption(row, ["caption"]) if fmt == "pickapic" else row.get("caption")
         else:  # pairs
             images = [row["chosen"], row["rejected"]]
             captions = [None, None]
+            first = 0
             caption = self._caption(row, ["prompt", "caption"])
         if self.cfg.reverse_labels:
-            images, captions = images[::-1], captions[::-1]
+            images, captions, first = images[::-1], captions[::-1], 1 - first
         decoded = [decode_image(im, self.root) for im in images]
-        pixels, orig, crop = self.transform(decoded, rng)
+        pixels, orig, crop = self.transform(decoded, rng, size_from=first)
         example = {"pixels_w": pixels[0], "pixels_l": pixels[1], "caption": caption, "row_id": row_id,
                    "original_size": orig, "crop_top_left": crop}
         if fmt == "dcpo":
@@ -268,7 +359,7 @@ class RowDecoder:
 def collate(examples: list[dict[str, Any] | BadRow]) -> dict[str, Any]:
     """Stack good examples; bad ones are listed under `bad_rows` as (row_id, reason)."""
     good = [e for e in examples if not isinstance(e, BadRow)]
-    batch: dict[str, Any] = {"bad_rows": [(e.row_id, e.reason) for e in examples if isinstance(e, BadRow)]}
+    batch: dict[str, Any] = {"bad_rows": [(e.row_id, e.describe()) for e in examples if isinstance(e, BadRow)]}
     batch["size"] = len(good)
     if not good:
         return batch

@@ -143,10 +143,12 @@ class Family:
     def dtype(self) -> torch.dtype:
         return next(self.network.parameters()).dtype
 
-    def to(self, device: torch.device | str, weight_dtype: torch.dtype = torch.float32, encoders: bool = True) -> Family:
-        """Move frozen parts to `device` in `weight_dtype` (VAE stays fp32 where its config asks).
-        `encoders=False` leaves the VAE and text encoders where they are (training from a data cache)."""
-        vae_dtype = torch.float32 if getattr(self.vae.config, "force_upcast", False) else weight_dtype
+    def to(self, device: torch.device | str, weight_dtype: torch.dtype = torch.float32, encoders: bool = True,
+           upcast_vae: bool = False) -> Family:
+        """Move frozen parts to `device` in `weight_dtype` (VAE stays fp32 where its config asks, or with
+        `upcast_vae`). `encoders=False` leaves the VAE and text encoders where they are (data cache)."""
+        upcast = upcast_vae or getattr(self.vae.config, "force_upcast", False)
+        vae_dtype = torch.float32 if upcast else weight_dtype
         if encoders:
             for module, dtype in [(self.vae, vae_dtype)] + [(enc, weight_dtype) for enc in self.text_encoders]:
                 module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)

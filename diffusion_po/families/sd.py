@@ -108,6 +108,9 @@ class StableDiffusionXLFamily(_DDPMFamily):
     pipeline_class_names: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     row_keys: ClassVar[tuple[str, ...]] = ("time_ids",)
     default_guidance_scale: ClassVar[float] = 5.0
+    sdxl_time_ids: str = "image"
+    """`image`: each image's original size and crop; `fixed`: [res, res, 0, 0, res, res] for every image
+    (what the Diffusion-DPO repository trained its DPO-SDXL with). Set from the config's `sdxl_time_ids`."""
 
     @torch.no_grad()
     def encode_prompts(self, prompts, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
@@ -125,11 +128,14 @@ class StableDiffusionXLFamily(_DDPMFamily):
         return cond
 
     def row_conditioning(self, cond, original_sizes=None, crop_top_lefts=None, resolution=None) -> Conditioning:
-        """`time_ids` = (original h, w) + (crop top, left) + (target h, w), per image (`resolution`: int or (h, w))."""
+        """`time_ids` = (original h, w) + (crop top, left) + (target h, w), per image (`resolution`: int or (h, w)),
+        or fixed (see `sdxl_time_ids`)."""
         device = cond["prompt_embeds"].device
         n = cond["prompt_embeds"].shape[0]
         res = resolution or self.default_resolution
         h, w = (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
+        if self.sdxl_time_ids == "fixed":
+            original_sizes = crop_top_lefts = None
         if original_sizes is None:
             original_sizes = torch.tensor([[h, w]] * n)
         if crop_top_lefts is None:

@@ -316,6 +316,21 @@ def _save(folder: Path, unet, vae, text_encoder, tokenizer, scheduler) -> None:
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    classic_text_encoder_keys(Path(folder) / "text_encoder" / "model.safetensors")
+
+
+def classic_text_encoder_keys(path: Path) -> None:
+    """Write the CLIP text encoder's weights under `text_model.`, the layout of every SD checkpoint: transformers
+    5 saves a fresh CLIPTextModel without the prefix, which transformers 4 would load as random weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as fh:
+        weights = {k: fh.get_tensor(k) for k in fh.keys()}
+    if all(k.startswith("text_model.") for k in weights):
+        return
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in weights.items()}, str(path),
+              metadata={"format": "pt"})
 
 
 def cache_dir() -> Path:

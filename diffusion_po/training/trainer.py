@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from diffusion_po.config import TrainConfig, default_num_workers, save_config, to_dict, weight_dtype_of
+from diffusion_po.config import (
+    TrainConfig,
+    default_num_workers,
+    resolve_total_batch,
+    save_config,
+    to_dict,
+    weight_dtype_of,
+)
 from diffusion_po.data import build_train_data
 from diffusion_po.errors import ConfigError, DataError, UserError
 from diffusion_po.families import Conditioning, Family, compile_regions, cond_to, load_family
@@ -54,6 +61,8 @@ class TrainState:
     bad_rows: int = 0
     recent_losses: list[float] = field(default_factory=list)
     """The logged loss of the latest steps (for the loss-spike check before a checkpoint)."""
+    """Distinct bad rows seen so far, over all processes."""
+    bad_row_ids: list[Any] = field(default_factory=list)
     generator_state: torch.Tensor | None = None
     method_state: dict[str, Any] = field(default_factory=dict)
 
@@ -207,6 +216,9 @@ class Trainer:
                                                 logging_dir=str(self.output_dir / cfg.logging_dir)),
         )
         check_launch(self.accelerator.num_processes)
+        # total_batch_size: the accumulation follows from the process count, known only now
+        self.cfg = cfg = resolve_total_batch(cfg, self.accelerator.num_processes)
+        self.accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._lock = run_folder.RunLock(self.output_dir)
         # before any model loads: the run folder is usable, and the checkpoint to resume is sound and fits
         self.resume_path, self.resume_changes = self._main_decides(self._preflight)
@@ -233,7 +245,11 @@ class Trainer:
 
             self.cache_fingerprint = fingerprint(family)
         encoders = cfg.encoders_on_device if cfg.encoders_on_device is not None else cfg.data.format != "cache"
-        self.family.to(self.accelerator.device, self.weight_dtype, encoders=encoders)
+        self.family.to(self.accelerator.device, self.weight_dtype, encoders=encoders, upcast_vae=cfg.upcast_vae)
+        if cfg.sdxl_time_ids != "image":
+            if not hasattr(self.family, "sdxl_time_ids"):
+                raise UserError(f"sdxl_time_ids: {cfg.sdxl_time_ids} is for SDXL models, not {type(self.family).__name__}")
+            self.family.sdxl_time_ids = cfg.sdxl_time_ids
         network = self.family.network
         self.reference: torch.nn.Module | None = None
         self.channels_last = _want_channels_last(cfg, self.family, self.accelerator.device)
@@ -486,10 +502,10 @@ class Trainer:
         for batch in loader:
             if self.state.step >= cfg.max_train_steps:
                 break
-            self._note_bad_rows(batch)
+            fewest_rows = self._note_bad_rows(batch)
             self.state.micro_step += 1
             good_rows_seen += batch["size"]
-            if batch["size"] == 0:
+            if fewest_rows == 0:  # all processes skip together (one alone would hang the others' collectives)
                 if self.state.micro_step >= 50 and good_rows_seen == 0:
                     raise DataError(f"{data.source}: the first {self.state.micro_step} batches had no usable rows")
                 continue
@@ -633,16 +649,30 @@ class Trainer:
             self._compile_fallback_pending = False
         return loss, metrics
 
-    def _note_bad_rows(self, batch: dict[str, Any]) -> None:
-        bad = batch.get("bad_rows") or []
+    def _note_bad_rows(self, batch: dict[str, Any]) -> int:
+        """Count the distinct bad rows of all processes (a row drawn again in a later epoch counts once) and
+        warn once per row, naming its file and row. Returns the fewest usable rows any process got."""
+        acc = self.accelerator
+        bad = list(batch.get("bad_rows") or [])
+        fewest = batch["size"]
+        if acc.num_processes > 1:  # two numbers gathered each micro-step; the rows themselves only when any
+            from accelerate.utils import gather_object
+
+            counts = acc.gather(torch.tensor([[len(bad), batch["size"]]], device=acc.device))
+            fewest = int(counts[:, 1].min().item())
+            bad = gather_object(bad) if counts[:, 0].sum().item() else []
         if not bad:
-            return
+            return fewest
         if self.cfg.data.strict:
-            row_id, reason = bad[0]
-            raise DataError(f"row {row_id}: {reason} (data.strict is on; set it off to skip and count bad rows)")
-        self.state.bad_rows += len(bad)
-        for row_id, reason in bad[:3]:
-            logger.warning("skipped row %s: %s", row_id, reason)
+            raise DataError(f"{bad[0][1]} (data.strict is on; set it off to skip and count bad rows)")
+        seen = set(self.state.bad_row_ids)
+        new = [(row_id, text) for row_id, text in dict(bad).items() if row_id not in seen]
+        self.state.bad_row_ids.extend(row_id for row_id, _ in new)
+        self.state.bad_rows = len(self.state.bad_row_ids)
+        if acc.is_main_process:
+            for _, text in new[:3]:
+                logger.warning("skipped %s", text)
+        return fewest
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path | None:
