@@ -118,15 +118,10 @@ def load_generation_pipeline(cfg: GenerateConfig, device: str) -> Any:
     pipe = load_pipeline(cfg.model)  # cast below: `dtype`/`torch_dtype` kwargs differ across diffusers versions
     if cfg.network:
         _swap_network(pipe, cfg.network)
-    if cfg.lora:
-        path = Path(cfg.lora)
-        if not path.exists():
-            raise ModelLoadError(f"--lora {cfg.lora} does not exist (a folder with pytorch_lora_weights.safetensors)")
-        try:
-            pipe.load_lora_weights(str(path), adapter_name="eval")
-            pipe.set_adapters(["eval"], adapter_weights=[cfg.lora_scale])
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"--lora {cfg.lora}: could not load LoRA weights: {exc}") from exc
+    if cfg.lora:  # fused at lora_scale (an adapter named "eval" would clash with Module.eval)
+        from diffusion_po.sampling.negative import load_positive_lora
+
+        load_positive_lora(pipe, cfg.lora, cfg.lora_scale)
     if cfg.scheduler:
         import diffusers
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from diffusion_po.errors import ModelLoadError
+from diffusion_po.families.base import check_lora_family
 
 BASE_ADAPTER = "__base__"
 
@@ -177,6 +178,7 @@ def _lora_file_check(path: str | Path, what: str) -> None:
 def load_positive_lora(pipe: Any, path: str | Path, scale: float = 1.0) -> None:
     """Load a LoRA (network and text-encoder parts) and fuse it into the base weights: theta^+ = base + scale*Delta."""
     _lora_file_check(path, "--lora")
+    check_lora_family(pipe, path, "--lora")
     try:
         pipe.load_lora_weights(str(path), adapter_name="positive")
     except (OSError, ValueError, KeyError) as exc:
@@ -189,6 +191,7 @@ def load_npo_lora(pipe: Any, path: str | Path, adapter_name: str = "npo", kinds:
     """Load an NPO LoRA into the pipeline's network (only the network part) as adapter `adapter_name`,
     for mixed-adapter batches: theta^- = theta^+ + Delta_NPO (the reference's merge weight alpha = 0)."""
     _lora_file_check(path, "--npo-lora")
+    check_lora_family(pipe, path, "--npo-lora")
     name = _network_name(pipe)
     network = getattr(pipe, name)
     try:
