@@ -34,7 +34,7 @@ def test_cli_writes_images_metadata_manifest_and_grid(tiny_model_factory, tmp_pa
     assert main(argv) == 0
     rows = _rows(out)
     assert len(rows) == 4
-    assert sorted((r["prompt_index"], r["seed"]) for r in rows) == [(0, 10), (0, 11), (1, 10), (1, 11)]
+    assert sorted((r["prompt_index"], r["seed"]) for r in rows) == [(0, 10), (0, 11), (1, 12), (1, 13)]  # seed + i*n + k
     for r in rows:
         png = out / r["file"]
         assert png.is_file()

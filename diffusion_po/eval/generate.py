@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusion_po.errors import ModelLoadError, UserError
+from diffusion_po.errors import UserError
 from diffusion_po.eval.manifest import MANIFEST, RUN_INFO, append_jsonl, read_jsonl
 from diffusion_po.eval.prompts import PromptSet, load_prompt_set
+from diffusion_po.sampling.io import seed_for  # one seed rule for `sample` and `eval`
 
 
 @dataclass
@@ -58,11 +59,6 @@ class GenerateConfig:
         return d
 
 
-def seed_for(base_seed: int, prompt_index: int, n: int, k: int) -> int:
-    """Seed of image ``k`` of prompt ``prompt_index``: ``base + prompt_index * n + k``."""
-    return int(base_seed) + int(prompt_index) * int(n) + int(k)
-
-
 def image_name(prompt_index: int, k: int, fmt: str = "png") -> str:
     return f"images/{prompt_index:05d}_{k:02d}.{fmt}"
 
@@ -81,17 +77,9 @@ def uses_sampler(cfg: GenerateConfig) -> bool:
 
 
 def _swap_network(pipe: Any, folder: str) -> None:
-    name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    current = getattr(pipe, name)
-    path = Path(folder)
-    if not path.is_dir():
-        raise ModelLoadError(f"--network {folder}: not a folder (expected a diffusers {name} folder)")
-    try:
-        replacement = type(current).from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"--network {folder}: could not load a {type(current).__name__}: {exc}") from exc
-    replacement.to(device=current.device, dtype=current.dtype)
-    pipe.register_modules(**{name: replacement})
+    from diffusion_po.sampling.negative import swap_network
+
+    swap_network(pipe, folder, "--network")
 
 
 def load_sampler_pipeline(cfg: GenerateConfig, device: str) -> tuple[Any, Any]:
@@ -122,13 +110,10 @@ def load_generation_pipeline(cfg: GenerateConfig, device: str) -> Any:
         from diffusion_po.sampling.negative import load_positive_lora
 
         load_positive_lora(pipe, cfg.lora, cfg.lora_scale)
-    if cfg.scheduler:
-        import diffusers
+    if cfg.scheduler:  # the names of `diffusion-po sample --scheduler` (short names or diffusers classes)
+        from diffusion_po.sampling.api import set_scheduler
 
-        cls = getattr(diffusers, cfg.scheduler, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise UserError(f"--scheduler {cfg.scheduler}: not a diffusers scheduler class")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        set_scheduler(pipe, cfg.scheduler)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.to(device)

@@ -344,6 +344,12 @@ def load_pipeline(
     if local.exists():
         index = local / "model_index.json"
         if not index.is_file():
+            trained = [n for n in ("unet", "transformer") if (local / n / "config.json").is_file()]
+            if trained:
+                raise ModelLoadError(
+                    f"{path}: a trained {trained[0]} without a pipeline (a full fine-tune's output_dir): give the "
+                    f"base model as --model and this folder as --network, or train with save_full_pipeline: true"
+                )
             raise ModelLoadError(f"{path}: no model_index.json; expected a diffusers pipeline folder")
         spec = json.loads(index.read_text())
         # optional components saved as [null, null] (e.g. SD3 without T5) must be passed explicitly
