@@ -490,3 +490,24 @@ def test_readme_evaluate_command_with_a_lora(tiny_sd, models_root, tmp_path, cap
                  "--steps", "2", "--out", str(tmp_path / "gen")]) == 0
     for ra, rg in zip(a, read_manifest(tmp_path / "gen")):
         assert np.array_equal(_load(ra["_path"]), _load(rg["_path"]))
+
+
+def test_sample_output_scores_and_shares_flags_and_seeds_with_eval(tiny_sd, models_root, tmp_path):
+    """`eval score --images` reads `diffusion-po sample`'s folder (manifest `file` key); both verbs take
+    --out/--output-dir, -n, --batch-size and the same scheduler names, and give image k of prompt i one seed."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    common = ["--model", tiny_sd, "--steps", "2", "-n", "2", "--seed", "4", "--batch-size", "3", "--scheduler", "ddim"]
+    assert main(["sample", *common, "--prompts", str(prompts), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert main(["eval", "generate", *common, "--prompts", str(prompts), "--output-dir", str(tmp_path / "g")]) == 0
+    seeds = {}
+    for run in ("s", "g"):
+        rows = read_manifest(tmp_path / run, require_images=True)
+        seeds[run] = sorted((int(r["prompt_index"]), int(r["k"]), int(r["seed"])) for r in rows)
+        assert all(r["scheduler"] == "DDIMScheduler" for r in rows)
+    assert seeds["s"] == seeds["g"] == [(i, k, seed_for(4, i, 2, k)) for i in range(2) for k in range(2)]
+    ck = ["--checkpoint", tiny_checkpoint_options(models_root)[0]]
+    assert main(["eval", "score", "--images", str(tmp_path / "s"), "--metrics", "pickscore,hps_v2.1",
+                 "--models-root", str(models_root), *ck, "--num-workers", "0"]) == 0
+    rows, _ = load_score_table(tmp_path / "s")
+    assert len(rows) == 4 and all(np.isfinite(r["pickscore"]) for r in rows)

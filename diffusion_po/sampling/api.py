@@ -62,10 +62,11 @@ def set_scheduler(pipe: Any, name: str | None) -> str:
                 f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULERS)} or a diffusers class name "
                 "such as EulerDiscreteScheduler"
             )
-        try:
-            new = cls.from_config(pipe.scheduler.config, **extra)
-        except ImportError as exc:  # diffusers' placeholder for a scheduler whose dependency is missing
-            raise UserError(f"scheduler '{name}' ({cls_name}): {str(exc).strip().splitlines()[0]}") from exc
+        if type(cls).__name__ == "DummyObject":  # diffusers' placeholder when a dependency is missing
+            missing = " ".join(b for b in getattr(cls, "_backends", []) if b != "torch")
+            raise UserError(f"scheduler '{name}' ({cls_name}) needs {missing or 'a missing package'}: "
+                            f"pip install {missing}")
+        new = cls.from_config(pipe.scheduler.config, **extra)
         flow_scheduler = cls_name.startswith("FlowMatch") or bool(new.config.get("use_flow_sigmas"))
         flow_model = getattr(family_for_pipeline_class(pipe), "prediction_type", None) == "flow"
         if flow_scheduler != flow_model:
