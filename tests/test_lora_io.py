@@ -151,3 +151,17 @@ def test_same_seed_same_weights(tmp_path, tiny_sd, use_lora):
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_eval_sampler_path_keeps_the_lora_with_a_network(tmp_path, tiny_sd):
+    """`eval generate --guidance ... --network DIR --lora L`: the network is swapped in first, the LoRA on top."""
+    from diffusion_po.eval.generate import GenerateConfig, load_sampler_pipeline
+
+    fam = _family(tiny_sd)
+    inputs = _inputs(fam)
+    net = _trained_lora(fam)
+    trained = _out(fam, net, inputs)
+    fam.save_lora(tmp_path / "lora", net)
+    cfg = GenerateConfig(model=tiny_sd, prompts="x", lora=str(tmp_path / "lora"), network=tiny_sd, guidance="cfg")
+    pipe, _ = load_sampler_pipeline(cfg, "cpu")
+    torch.testing.assert_close(_out(fam, pipe.unet, inputs), trained, atol=1e-5, rtol=1e-5)

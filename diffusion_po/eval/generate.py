@@ -76,12 +76,6 @@ def uses_sampler(cfg: GenerateConfig) -> bool:
     return bool(cfg.guidance or cfg.npo_lora)
 
 
-def _swap_network(pipe: Any, folder: str) -> None:
-    from diffusion_po.sampling.negative import swap_network
-
-    swap_network(pipe, folder, "--network")
-
-
 def load_sampler_pipeline(cfg: GenerateConfig, device: str) -> tuple[Any, Any]:
     """Pipeline + NPO negative model through diffusion_po.sampling (for ``--guidance``/``--npo-lora``)."""
     from diffusion_po.sampling.api import load_sampling_pipeline
@@ -89,10 +83,8 @@ def load_sampler_pipeline(cfg: GenerateConfig, device: str) -> tuple[Any, Any]:
     dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
     pipe, negative = load_sampling_pipeline(
         cfg.model, lora=cfg.lora, lora_scale=cfg.lora_scale, npo_lora=cfg.npo_lora, scheduler=cfg.scheduler,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, network=cfg.network,  # the network first: the LoRAs go on top of it
     )
-    if cfg.network:
-        _swap_network(pipe, cfg.network)
     return pipe, negative
 
 
@@ -105,7 +97,9 @@ def load_generation_pipeline(cfg: GenerateConfig, device: str) -> Any:
     dtype = _torch_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg.model)  # cast below: `dtype`/`torch_dtype` kwargs differ across diffusers versions
     if cfg.network:
-        _swap_network(pipe, cfg.network)
+        from diffusion_po.sampling.negative import swap_network
+
+        swap_network(pipe, cfg.network)
     if cfg.lora:  # fused at lora_scale (an adapter named "eval" would clash with Module.eval)
         from diffusion_po.sampling.negative import load_positive_lora
 
