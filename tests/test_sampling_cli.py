@@ -273,3 +273,22 @@ def test_full_fine_tune_output_samples_with_network(tiny_model_factory, tmp_path
            for k in ("net", "ref", "base")}
     assert np.array_equal(img["net"], img["ref"]) and np.abs(img["net"] - img["base"]).max() > 1
     assert _rows(tmp_path / "net")[0]["network"] == str(tmp_path / "run")
+
+
+def test_readme_sample_command_with_a_trained_lora(tiny_model_factory, tmp_path):
+    """README's Sample command shape: --lora (a LoRA as the trainer saves it) with Perp-Neg and "red:1.5"."""
+    from tests.test_eval_pipeline import _tiny_lora
+
+    model = tiny_model_factory("sd")
+    lora = _tiny_lora(model, tmp_path / "sd15_dpo_lora")
+    common = ["--prompt", "a red circle and a blue square", "--negative-prompt", "red:1.5", "--guidance", "perp-neg",
+              "--guidance-scale", "7.5", "--seeds", "0-1", "--steps", "2", "--no-progress"]
+    assert main(["sample", "--model", model, "--lora", str(lora), *common, "--output-dir", str(tmp_path / "s"),
+                 "--grid"]) == 0
+    assert main(["sample", "--model", model, *common, "--output-dir", str(tmp_path / "b")]) == 0
+    rows = _rows(tmp_path / "s")
+    assert [r["seed"] for r in rows] == [0, 1] and rows[0]["negatives"] == [["red", 1.5]]
+    assert (tmp_path / "s" / "grid.png").is_file()
+    a = np.asarray(Image.open(tmp_path / "s" / rows[0]["file"]), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "b" / _rows(tmp_path / "b")[0]["file"]), dtype=np.int16)
+    assert np.abs(a - b).max() > 1  # the LoRA is applied
