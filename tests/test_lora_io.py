@@ -165,3 +165,13 @@ def test_eval_sampler_path_keeps_the_lora_with_a_network(tmp_path, tiny_sd):
     cfg = GenerateConfig(model=tiny_sd, prompts="x", lora=str(tmp_path / "lora"), network=tiny_sd, guidance="cfg")
     pipe, _ = load_sampler_pipeline(cfg, "cpu")
     torch.testing.assert_close(_out(fam, pipe.unet, inputs), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_npo_merge_refuses_a_lora_of_another_family(tmp_path, tiny_model_factory, capsys):
+    from diffusion_po.cli import main
+
+    fam = _family(tiny_model_factory("sd"))
+    fam.save_lora(tmp_path / "npo", _trained_lora(fam))
+    assert main(["npo", "merge", "--base", tiny_model_factory("sd3"), "--npo", str(tmp_path / "npo"),
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "saved for the sd family, but the model is sd3" in capsys.readouterr().err
