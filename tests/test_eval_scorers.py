@@ -400,3 +400,82 @@ def test_fast_clip_transform_equals_the_processor():
         torch.testing.assert_close(transform(rgba), proc(images=rgba, return_tensors="pt")["pixel_values"][0])
     odd = CLIPImageProcessorPil(size={"height": 32, "width": 32})
     assert not HFImageTransform(odd).fast
+
+
+# ----------------------------------------------------------------------- folders that would load garbage
+def test_clip_folder_without_tokenizer_files_is_an_error(models_root, tmp_path):
+    """Without vocab.json/merges.txt/tokenizer.json transformers builds an empty tokenizer (every prompt
+    scores the same): refused, naming the files."""
+    for name in ("pickscore", "clip"):
+        folder = tmp_path / name
+        shutil.copytree(models_root / ("PickScore_v1" if name == "pickscore" else "clip-vit-large-patch14"), folder)
+        for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / f).unlink(missing_ok=True)
+        with pytest.raises(ModelLoadError, match="no tokenizer: expected tokenizer.json, or vocab.json and merges.txt"):
+            build_scorer(name, checkpoint=str(folder))
+
+
+def _open_clip_hub_folder(folder: Path, with_weights: bool) -> Path:
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from diffusion_po.eval.testing import TINY_OPEN_CLIP_CONFIG
+
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP_CONFIG, "preprocess_cfg": {}}))
+    if with_weights:
+        torch.manual_seed(0)
+        model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_clip_openclip_with_only_its_config_is_an_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="has no weights \\(open_clip_model.safetensors"):
+        build_scorer("clip_openclip", checkpoint=str(_open_clip_hub_folder(tmp_path / "cfg_only", False)))
+    scorer = build_scorer("clip_openclip", checkpoint=str(_open_clip_hub_folder(tmp_path / "full", True)))
+    assert len(scorer.score(_images(2), PROMPTS[:2])) == 2
+
+
+def test_truncated_checkpoint_is_caught_before_a_non_strict_load(tmp_path):
+    """What ImageRewardScorer checks after the package's `load_state_dict(strict=False)`."""
+    from diffusion_po.eval.scorers.base import check_checkpoint_covers
+    from diffusion_po.eval.scorers.hf_clip import build_aesthetic_mlp
+
+    model = build_aesthetic_mlp(16)
+    state = model.state_dict()
+    check_checkpoint_covers(model, state, "imagereward", tmp_path / "ImageReward.pt")
+    truncated = dict(list(state.items())[:4])
+    with pytest.raises(ModelLoadError, match=r"ImageReward.pt lacks 6 of the model's 10 weights"):
+        check_checkpoint_covers(model, truncated, "imagereward", tmp_path / "ImageReward.pt")
+
+
+def test_transparent_images_are_composited_on_white_for_every_scorer(models_root, opts, tmp_path):
+    """One rule (composite on white) for in-memory scoring, `eval score` on files and `eval parity`."""
+    import json
+
+    from diffusion_po.eval.parity import run_parity
+    from diffusion_po.eval.scoring import load_score_table, score_run
+
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    rgba[:16, :, 3] = 0  # top half fully transparent (black or random colour underneath)
+    rgba[16:, :8, 3] = 128
+    transparent = Image.fromarray(rgba, "RGBA")
+    on_white = Image.alpha_composite(Image.new("RGBA", (32, 32), (255, 255, 255, 255)), transparent).convert("RGB")
+    transparent.save(tmp_path / "t.png")
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "t.png", "prompt": PROMPTS[0]}) + "\n")
+    names = ["pickscore", "clip", "hps_v2.1", "aesthetic"]
+    scorers = [build_scorer(n, models_root=str(models_root), **opts.get(n, {})) for n in names]
+    for scorer in scorers:
+        expected = scorer.score_all([on_white], PROMPTS[:1])
+        assert scorer.score_all([transparent], PROMPTS[:1]) == expected, scorer.name
+        parity = run_parity([str(tmp_path / "t.png")], PROMPTS[:1], [scorer])
+        assert parity["scores"] == expected, scorer.name
+    score_run(tmp_path, scorers, batch_size=1, num_workers=0, progress=False)
+    rows, _ = load_score_table(tmp_path)
+    for scorer in scorers:
+        for metric, values in scorer.score_all([on_white], PROMPTS[:1]).items():
+            assert rows[0][metric] == pytest.approx(values[0], abs=1e-6), metric

@@ -36,14 +36,15 @@ def _add_scorer_args(p: argparse.ArgumentParser, metrics_required: bool = True) 
 def _add_generation_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--prompts", required=True,
                    help="parti, geneval, pickapic_v2_test_unique:PATH, hpsv2:DIR, drawbench:PATH or a prompt file")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--n", "-n", "--num-images-per-prompt", dest="n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="base seed: image k of prompt i uses seed + i*n + k")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (pipeline default if unset)")
     p.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--scheduler", default=None, help="diffusers scheduler class name, e.g. DPMSolverMultistepScheduler")
+    p.add_argument("--scheduler", default=None,
+                   help="a `diffusion-po sample` scheduler name (ddim, euler, dpm++, flow_euler, ...) or a diffusers class name")
     _add_guidance_args(p)
     p.add_argument("--gen-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="pipeline dtype (auto: fp16 on cuda, fp32 on cpu)")
@@ -51,6 +52,12 @@ def _add_generation_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--start", type=int, default=0, help="first prompt index")
     p.add_argument("--limit", type=int, default=None, help="number of prompts (default: all)")
     p.add_argument("--gen-batch-size", type=int, default=4, help="images per pipeline call")
+
+
+def _check_generation_args(args: argparse.Namespace) -> None:
+    from diffusion_po.sampling.api import check_sampling_settings
+
+    check_sampling_settings(args.steps, args.guidance_rescale, args.limit)
 
 
 def _add_guidance_args(p: argparse.ArgumentParser) -> None:
@@ -73,9 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", default=None, help="LoRA folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--network", default=None, help="a fine-tuned unet/transformer folder replacing the pipeline's")
-    p.add_argument("--out", required=True, help="run folder (images/, manifest.jsonl, run.json)")
+    p.add_argument("--out", "--output-dir", "-o", dest="out", required=True,
+                   help="run folder (images/, manifest.jsonl, run.json)")
     p.add_argument("--device", default=None)
     _add_generation_args(p)
+    p.add_argument("--batch-size", dest="gen_batch_size", type=int, default=argparse.SUPPRESS,
+                   help="images per pipeline call (= --gen-batch-size, as `diffusion-po sample --batch-size`)")
     p.set_defaults(func=run_generate)
 
     p = esub.add_parser("score", help="per-image scores of an image run (resumable)")
@@ -109,17 +119,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--b-images", default=None, help="reuse an existing image run for the baseline")
     p.add_argument("--label-a", default=None)
     p.add_argument("--label-b", default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", "--output-dir", "-o", dest="out", required=True)
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--prompts", default=None, help="prompt set (needed unless both image runs are given)")
-    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--n", "-n", "--num-images-per-prompt", dest="n", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--scheduler", default=None)
+    p.add_argument("--scheduler", default=None, help="as `diffusion-po sample --scheduler`")
     _add_guidance_args(p)
     p.add_argument("--gen-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg"])
@@ -197,6 +207,7 @@ def _build_scorers(args: argparse.Namespace) -> list[Any]:
 def _generation_config(args: argparse.Namespace, model: str, lora: str | None, network: str | None) -> Any:
     from diffusion_po.eval.generate import GenerateConfig
 
+    _check_generation_args(args)
     return GenerateConfig(
         model=model, prompts=args.prompts, lora=lora, lora_scale=getattr(args, "lora_scale", 1.0),
         network=network, n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,

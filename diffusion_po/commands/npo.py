@@ -78,12 +78,14 @@ def _is_lora_state(keys: list[str]) -> bool:
 def _fused_lora_state(base_path: str, lora: Path) -> dict[str, torch.Tensor]:
     """The base network with the LoRA's network part fused in (scale 1), as a state dict."""
     from diffusion_po.families import family_class_for, load_pipeline, network_of
+    from diffusion_po.families.base import check_lora_family
 
     pipe = load_pipeline(base_path)
     name, network = family_class_for(pipe).network_name, network_of(pipe)
     source = lora if lora.is_file() else lora / LORA_FILE
     if not source.is_file():
         raise ModelLoadError(f"{lora}: no {LORA_FILE} in the folder")
+    check_lora_family(pipe, source, "LoRA")
     try:
         out = type(pipe).lora_state_dict(str(source.parent), weight_name=source.name, return_lora_metadata=True)
     except (OSError, ValueError, KeyError) as exc:

@@ -28,6 +28,8 @@ def _seeds(text: str) -> list[int]:
                 continue
             if "-" in part[1:]:
                 lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                if int(hi) < int(lo):
+                    raise argparse.ArgumentTypeError(f"seed range '{part}' is empty (its end is before its start)")
                 out.extend(range(int(lo), int(hi) + 1))
             else:
                 out.append(int(part))
@@ -48,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", "--pretrained_model_name_or_path", dest="model", required=True,
                    help="diffusers pipeline folder or hub id (SD1.x/2.x, SDXL, SD3)")
+    m.add_argument("--network", help="a trained unet/transformer replacing the model's: a full fine-tune's output_dir "
+                   "(with unet/ or transformer/) or a model folder; --model is then the base pipeline")
     m.add_argument("--lora", help="positive LoRA folder (fused into the weights), e.g. a DPO output_dir")
     m.add_argument("--lora-scale", type=float, default=1.0)
     m.add_argument("--npo-lora", help="NPO LoRA folder: the negative branches run with it (one forward, mixed-adapter batch)")
@@ -89,16 +93,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "flow_euler, flow_heun, or a diffusers class name (default: the model's)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 28 for SD3)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    g.add_argument("--seed", type=int, default=0, help="first seed; image k of a prompt uses seed + k")
-    g.add_argument("--num-images-per-prompt", "-n", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0,
+                   help="base seed: image k of prompt i uses seed + i*n + k (as `eval generate`)")
+    g.add_argument("--num-images-per-prompt", "-n", "--n", dest="num_images_per_prompt", type=int, default=1)
     g.add_argument("--seeds", type=_seeds, help="explicit seeds for every prompt: '0,1,5' or '0-199' (overrides --seed/-n)")
-    g.add_argument("--batch-size", type=int, default=4, help="images per batch (each costs one row per branch)")
+    g.add_argument("--batch-size", "--gen-batch-size", dest="batch_size", type=int, default=4,
+                   help="images per batch (each costs one row per branch)")
     g.add_argument("--resolution", type=int, help="square size (sets height and width)")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
 
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", "-o", default="samples")
+    o.add_argument("--output-dir", "--out", "-o", dest="output_dir", default="samples")
     o.add_argument("--grid", action="store_true", help="also write grid.png (rows = prompts, columns = seeds)")
     o.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -119,7 +125,7 @@ def _collect_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows = read_prompt_file(args.prompts)
     else:
         rows = prompt_rows(args.prompt_set)  # raises DataError with the list of known sets
-    if args.limit:
+    if args.limit is not None:
         rows = rows[: args.limit]
     negs = [parse_weighted(t) for t in args.negative_prompt]
     poss = [parse_weighted(t) for t in args.positive_prompt]
@@ -135,12 +141,13 @@ def run(args: argparse.Namespace) -> int:
     from diffusion_po import __version__
     from diffusion_po.families import family_for_pipeline
     from diffusion_po.guidance import make_guidance
-    from diffusion_po.sampling.api import generate, load_sampling_pipeline
-    from diffusion_po.sampling.io import make_grid, png_info
+    from diffusion_po.sampling.api import check_sampling_settings, generate, load_sampling_pipeline
+    from diffusion_po.sampling.io import make_grid, png_info, seed_for
     from diffusion_po.sampling.sampler import PromptSpec
 
     if args.batch_size < 1 or args.num_images_per_prompt < 1:
         raise UserError("--batch-size and --num-images-per-prompt must be >= 1")
+    check_sampling_settings(args.steps, args.guidance_rescale, args.limit)
     if args.guidance == "npo" and not (args.npo_lora or args.negative_model):
         raise UserError("--guidance npo needs NPO weights: --npo-lora DIR or --negative-model DIR")
     rows = _collect_prompts(args)
@@ -162,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, lora=args.lora, lora_scale=args.lora_scale, npo_lora=args.npo_lora,
         negative_model=args.negative_model, npo_base=args.npo_base, npo_merge_weight=args.npo_merge_weight,
         negative_kinds=kinds, scheduler=args.scheduler, device=args.device, dtype=args.dtype, vae=args.vae,
+        network=args.network,
     )
     if args.compile:
         from diffusion_po.families import speed_up_for_sampling
@@ -183,16 +191,18 @@ def run(args: argparse.Namespace) -> int:
     scale = args.guidance_scale if args.guidance_scale is not None else fam.default_guidance_scale
     guidance = make_guidance(args.guidance, scale, args.guidance_rescale)
 
-    default_seeds = args.seeds or [args.seed + k for k in range(args.num_images_per_prompt)]
+    n = args.num_images_per_prompt
     specs: list[PromptSpec] = []
     metas: list[dict[str, Any]] = []
     for pi, r in enumerate(rows):
-        for seed in r.get("seeds") or default_seeds:
+        seeds = r.get("seeds") or args.seeds or [seed_for(args.seed, pi, n, k) for k in range(n)]
+        for k, seed in enumerate(seeds):
             specs.append(PromptSpec(r["prompt"], int(seed), r["negatives"], r["positives"]))
-            metas.append({"prompt": r["prompt"], "prompt_index": pi, "prompt_id": r.get("id", pi), "seed": int(seed),
+            metas.append({"prompt": r["prompt"], "prompt_index": pi, "prompt_id": r.get("id", pi), "k": k,
+                          "seed": int(seed),
                           "negatives": [list(x) for x in r["negatives"]], "positives": [list(x) for x in r["positives"]]})
     settings = {
-        "model": args.model, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
+        "model": args.model, "network": args.network, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
         "negative_model": negative.describe() if negative else None,
         **guidance.describe(),
         "scheduler": type(pipe.scheduler).__name__, "steps": steps, "eta": args.eta,

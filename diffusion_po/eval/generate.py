@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusion_po.errors import ModelLoadError, UserError
+from diffusion_po.errors import UserError
 from diffusion_po.eval.manifest import MANIFEST, RUN_INFO, append_jsonl, read_jsonl
 from diffusion_po.eval.prompts import PromptSet, load_prompt_set
+from diffusion_po.sampling.io import seed_for  # one seed rule for `sample` and `eval`
 
 
 @dataclass
@@ -58,11 +59,6 @@ class GenerateConfig:
         return d
 
 
-def seed_for(base_seed: int, prompt_index: int, n: int, k: int) -> int:
-    """Seed of image ``k`` of prompt ``prompt_index``: ``base + prompt_index * n + k``."""
-    return int(base_seed) + int(prompt_index) * int(n) + int(k)
-
-
 def image_name(prompt_index: int, k: int, fmt: str = "png") -> str:
     return f"images/{prompt_index:05d}_{k:02d}.{fmt}"
 
@@ -80,21 +76,6 @@ def uses_sampler(cfg: GenerateConfig) -> bool:
     return bool(cfg.guidance or cfg.npo_lora)
 
 
-def _swap_network(pipe: Any, folder: str) -> None:
-    from diffusion_po.families import family_class_for, network_of
-
-    name, current = family_class_for(pipe).network_name, network_of(pipe)
-    path = Path(folder)
-    if not path.is_dir():
-        raise ModelLoadError(f"--network {folder}: not a folder (expected a diffusers {name} folder)")
-    try:
-        replacement = type(current).from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"--network {folder}: could not load a {type(current).__name__}: {exc}") from exc
-    replacement.to(device=current.device, dtype=current.dtype)
-    pipe.register_modules(**{name: replacement})
-
-
 def load_sampler_pipeline(cfg: GenerateConfig, device: str) -> tuple[Any, Any]:
     """Pipeline + NPO negative model through diffusion_po.sampling (for ``--guidance``/``--npo-lora``)."""
     from diffusion_po.sampling.api import load_sampling_pipeline
@@ -102,10 +83,8 @@ def load_sampler_pipeline(cfg: GenerateConfig, device: str) -> tuple[Any, Any]:
     dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
     pipe, negative = load_sampling_pipeline(
         cfg.model, lora=cfg.lora, lora_scale=cfg.lora_scale, npo_lora=cfg.npo_lora, scheduler=cfg.scheduler,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, network=cfg.network,  # the network first: the LoRAs go on top of it
     )
-    if cfg.network:
-        _swap_network(pipe, cfg.network)
     return pipe, negative
 
 
@@ -118,23 +97,17 @@ def load_generation_pipeline(cfg: GenerateConfig, device: str) -> Any:
     dtype = _torch_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg.model)  # cast below: `dtype`/`torch_dtype` kwargs differ across diffusers versions
     if cfg.network:
-        _swap_network(pipe, cfg.network)
-    if cfg.lora:
-        path = Path(cfg.lora)
-        if not path.exists():
-            raise ModelLoadError(f"--lora {cfg.lora} does not exist (a folder with pytorch_lora_weights.safetensors)")
-        try:
-            pipe.load_lora_weights(str(path), adapter_name="eval")
-            pipe.set_adapters(["eval"], adapter_weights=[cfg.lora_scale])
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"--lora {cfg.lora}: could not load LoRA weights: {exc}") from exc
-    if cfg.scheduler:
-        import diffusers
+        from diffusion_po.sampling.negative import swap_network
 
-        cls = getattr(diffusers, cfg.scheduler, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise UserError(f"--scheduler {cfg.scheduler}: not a diffusers scheduler class")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        swap_network(pipe, cfg.network)
+    if cfg.lora:  # fused at lora_scale (an adapter named "eval" would clash with Module.eval)
+        from diffusion_po.sampling.negative import load_positive_lora
+
+        load_positive_lora(pipe, cfg.lora, cfg.lora_scale)
+    if cfg.scheduler:  # the names of `diffusion-po sample --scheduler` (short names or diffusers classes)
+        from diffusion_po.sampling.api import set_scheduler
+
+        set_scheduler(pipe, cfg.scheduler)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.to(device)

@@ -1,6 +1,7 @@
 """Image-run manifests: ``<run>/manifest.jsonl``, one JSON object per image.
 
-Required keys: ``image`` (path relative to the run folder, or absolute) and ``prompt``. Optional:
+Required keys: ``image`` (path relative to the run folder, or absolute; ``file``, as `diffusion-po sample`
+writes it, is read as ``image``) and ``prompt``. Optional:
 ``prompt_index``, ``prompt_id``, ``k`` (sample number within the prompt), ``seed``, ``category`` and
 any generation settings. ``eval generate`` writes all of them; other tools (e.g. the toy world) only
 need ``image`` + ``prompt`` (+ ``prompt_id``/``k`` or ``seed`` for pairing two runs).
@@ -80,6 +81,8 @@ def read_manifest(run: str | Path, require_images: bool = False) -> list[dict[st
     base = path.parent
     by_image: dict[str, dict[str, Any]] = {}
     for n, row in enumerate(read_jsonl(path), 1):
+        if "image" not in row and isinstance(row.get("file"), str):  # `diffusion-po sample`'s manifest
+            row["image"] = row["file"]
         for key in ("image", "prompt"):
             if not isinstance(row.get(key), str) or not row[key]:
                 raise DataError(f"{path}: row {n} has no '{key}' string")

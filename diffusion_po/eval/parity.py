@@ -16,6 +16,7 @@ from PIL import Image
 
 from diffusion_po.errors import DataError
 from diffusion_po.eval.scorers import Scorer
+from diffusion_po.eval.scorers.base import flatten_on_white
 
 DEMO_PROMPT = "A cat with two horns on its head"
 DEFAULT_TOLERANCE = {"pickscore": 0.1, "pickscore_cos": 0.001, "hps_v2": 0.05, "hps_v2.1": 0.05,
@@ -38,7 +39,7 @@ def run_parity(
     for p in images:
         try:
             with Image.open(p) as im:
-                pil.append(im.convert("RGB"))
+                pil.append(flatten_on_white(im))  # the scorers' rule for transparent images
         except OSError as exc:
             raise DataError(f"{p}: cannot read image ({exc})") from exc
     ours: dict[str, list[float]] = {}

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffusion_po.errors import DataError
 from diffusion_po.eval.manifest import RUN_INFO, append_jsonl, read_jsonl, read_manifest
 from diffusion_po.eval.scorers import Scorer
+from diffusion_po.eval.scorers.base import flatten_on_white
 from diffusion_po.tiny import has_random_weights
 
 SCORES_JSONL = "scores.jsonl"
@@ -46,8 +47,7 @@ class ImageBatchDataset(Dataset):
         path = self.rows[i]["_path"]
         try:
             with Image.open(path) as im:
-                im.load()
-                image = im.copy()  # each scorer transform converts to RGB its own way
+                image = flatten_on_white(im)  # transparent pixels on white, for every scorer
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             return {"i": i, "error": f"{path}: cannot read image ({type(exc).__name__}: {exc})"}
         return {"i": i, "pixels": {key: t(image) for key, t in self.transforms.items()}}

@@ -12,7 +12,7 @@ guided sampler (training and sampling alike) only ever call:
   network forward of training and sampling
 - `default_size()`, `sampling_timesteps(...)`, `prepare_latents(...)`, `scale_model_input(x, t)`,
   `scheduler_step_kwargs(...)` (the stock pipeline's own parts, as its `__call__` uses them)
-- `save_lora(folder, network)`
+- `save_lora(folder, network)` (with the LoRA config and the family name; see `check_lora_family`)
 
 `network_of(pipe)` and `family_class_for(pipe)` are the only places that decide which family a pipeline
 is and which network it has.
@@ -350,8 +350,23 @@ class Family:
         from peft.utils import get_peft_model_state_dict
 
         network = network if network is not None else self.network
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
-        type(self.pipe).save_lora_weights(str(folder), **{self.lora_layers_argument: state}, safe_serialization=True)
+        self._write_lora(folder, network, convert_state_dict_to_diffusers(get_peft_model_state_dict(network)))
+
+    def _write_lora(self, folder: str | Path, network: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Save `state` with the adapter's LoraConfig as diffusers' training examples do
+        (`<network>_lora_adapter_metadata`: rank, lora_alpha, target modules, so stock loaders apply
+        lora_alpha / r) and this family's name in the file header (see `check_lora_family`)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        metadata = {f"{self.lora_layers_argument.removesuffix('_layers')}_adapter_metadata":
+                    network.peft_config["default"].to_dict()}
+        type(self.pipe).save_lora_weights(str(folder), **{self.lora_layers_argument: state}, **metadata,
+                                          safe_serialization=True)
+        file = Path(folder) / LORA_WEIGHT_FILE
+        with safe_open(str(file), "pt") as f:
+            header = dict(f.metadata() or {})
+        save_file(load_file(str(file)), str(file), metadata={**header, LORA_FAMILY_KEY: self.name})
 
 
 def compile_regions(module: torch.nn.Module, block_names: list[str] | tuple[str, ...], **kwargs: Any) -> int:
@@ -398,6 +413,39 @@ def speed_up_for_sampling(pipe: Any, compile: bool = True, channels_last: bool |
         kwargs = {"mode": mode} if mode else {}
         done["compiled_blocks"] = compile_regions(network, fam.repeated_blocks, **kwargs)
     return done
+
+
+#: the file `save_lora` writes, and the header key naming the family it was saved for
+LORA_WEIGHT_FILE = "pytorch_lora_weights.safetensors"
+LORA_FAMILY_KEY = "diffusion_po_family"
+
+
+def check_lora_family(pipe: Any, path: str | Path, what: str = "LoRA") -> None:
+    """Stop with a ModelLoadError naming both families when the LoRA at `path` (a folder or .safetensors
+    file) was saved for another family than `pipe`'s: by the family name `save_lora` writes in the file
+    header, else by the network its keys address (unet.* / transformer.*). Hub ids are not checked here."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    file = p if p.is_file() else p / LORA_WEIGHT_FILE
+    if not file.is_file() or file.suffix != ".safetensors":
+        return
+    fam = family_class_for(pipe)
+    try:
+        with safe_open(str(file), "pt") as f:
+            saved = (f.metadata() or {}).get(LORA_FAMILY_KEY)
+            prefixes = {k.split(".", 1)[0] for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ModelLoadError(f"{what} '{path}': cannot read {file.name} ({str(exc).splitlines()[0]})") from exc
+    if saved is None:
+        networks = prefixes & {f.network_name for f in _FAMILIES.values()}
+        if networks and fam.network_name not in networks:
+            saved = "/".join(f.name for f in _FAMILIES.values() if f.network_name in networks)
+    if saved is not None and saved != fam.name:
+        raise ModelLoadError(
+            f"{what} '{path}' was saved for the {saved} family, but the model is {fam.name} "
+            f"({type(pipe).__name__}): load it into a {saved} model"
+        )
 
 
 _FAMILIES: dict[str, type[Family]] = {}
@@ -461,6 +509,12 @@ def load_pipeline(
     if local.exists():
         index = local / "model_index.json"
         if not index.is_file():
+            trained = [n for n in ("unet", "transformer") if (local / n / "config.json").is_file()]
+            if trained:
+                raise ModelLoadError(
+                    f"{path}: a trained {trained[0]} without a pipeline (a full fine-tune's output_dir): give the "
+                    f"base model as --model and this folder as --network, or train with save_full_pipeline: true"
+                )
             raise ModelLoadError(f"{path}: no model_index.json; expected a diffusers pipeline folder")
         spec = json.loads(index.read_text())
         # optional components saved as [null, null] (e.g. SD3 without T5) must be passed explicitly

@@ -100,6 +100,4 @@ class StableDiffusion3Family(Family):
         from peft.utils import get_peft_model_state_dict
 
         network = network if network is not None else self.network
-        type(self.pipe).save_lora_weights(
-            str(folder), transformer_lora_layers=get_peft_model_state_dict(network), safe_serialization=True
-        )
+        self._write_lora(folder, network, get_peft_model_state_dict(network))

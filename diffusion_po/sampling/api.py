@@ -26,6 +26,7 @@ from diffusion_po.sampling.negative import (
     load_npo_lora,
     load_positive_lora,
     merge_negative_network,
+    swap_network,
 )
 from diffusion_po.sampling.sampler import GuidedSampler, PromptSpec, WeightedPrompts, weighted
 
@@ -60,8 +61,30 @@ def set_scheduler(pipe: Any, name: str | None) -> str:
                 f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULERS)} or a diffusers class name "
                 "such as EulerDiscreteScheduler"
             )
-        pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+        if type(cls).__name__ == "DummyObject":  # diffusers' placeholder when a dependency is missing
+            missing = " ".join(b for b in getattr(cls, "_backends", []) if b != "torch")
+            raise UserError(f"scheduler '{name}' ({cls_name}) needs {missing or 'a missing package'}: "
+                            f"pip install {missing}")
+        new = cls.from_config(pipe.scheduler.config, **extra)
+        flow_scheduler = cls_name.startswith("FlowMatch") or bool(new.config.get("use_flow_sigmas"))
+        flow_model = getattr(family_class_for(pipe), "prediction_type", None) == "flow"
+        if flow_scheduler != flow_model:
+            kind = "flow-matching" if flow_model else "noise-prediction (DDPM-type)"
+            names = [k for k, (c, _) in SCHEDULERS.items() if c.startswith("FlowMatch") == flow_model]
+            raise UserError(f"scheduler '{name}' ({cls_name}) does not fit {type(pipe).__name__}, a {kind} model; "
+                            f"use one of {', '.join(names)}")
+        pipe.scheduler = new
     return type(pipe.scheduler).__name__
+
+
+def check_sampling_settings(steps: int | None = None, guidance_rescale: float = 0.0, limit: int | None = None) -> None:
+    """One-line errors for settings that would otherwise be replaced silently or give broken images."""
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps {steps}: give at least 1 denoising step (leave it out for the model's default)")
+    if not 0.0 <= guidance_rescale <= 1.0:  # also refuses nan
+        raise UserError(f"--guidance-rescale {guidance_rescale}: phi must lie in [0, 1] (0 = off, 0.7 in Lin et al.)")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give at least 1 prompt (leave it out for all prompts)")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -86,6 +109,7 @@ def load_sampling_pipeline(
     device: str | None = "auto",
     dtype: str | torch.dtype = "fp32",
     vae: str | None = None,
+    network: str | None = None,
 ) -> tuple[Any, NegativeModel | None]:
     """Load a pipeline for sampling and its optional NPO negative model.
 
@@ -93,7 +117,8 @@ def load_sampling_pipeline(
     npo_lora: an NPO LoRA (theta^- = theta^+ + Delta_NPO; one forward via mixed-adapter batches).
     negative_model: a separate negative network (pipeline folder with unet/ or transformer/, or a model
     folder). npo_merge_weight alpha with npo_base: theta^- = theta^+ + Delta_NPO - alpha (theta^+ - theta_base)
-    (the reference's `--merge_weight`; a separate merged network).
+    (the reference's `--merge_weight`; a separate merged network). network: a trained unet/transformer (a
+    full fine-tune's output folder) replacing the model's, before the LoRA.
     """
     from diffusion_po.families import load_pipeline
 
@@ -106,6 +131,8 @@ def load_sampling_pipeline(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     pipe = load_pipeline(model, vae_path=vae)
     pipe.set_progress_bar_config(disable=True)
+    if network:
+        swap_network(pipe, network)
     if lora:
         load_positive_lora(pipe, lora, lora_scale)
     set_scheduler(pipe, scheduler)

@@ -9,19 +9,15 @@ from typing import Any
 
 from diffusion_po.errors import DataError
 from diffusion_po.sampling.sampler import weighted
+from diffusion_po.sampling.weights import checked_weight, parse_weighted
 
 PromptRow = dict[str, Any]  # {"prompt", optional "negative_prompt", "positive_prompts", "seeds", "id"}
 
 
-def parse_weighted(text: str) -> tuple[str, float]:
-    """"red:1.5" -> ("red", 1.5); "red" -> ("red", 1.0). A trailing ":<number>" is the weight."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return head.strip(), float(tail)
-        except ValueError:
-            pass
-    return text.strip(), 1.0
+def seed_for(base_seed: int, prompt_index: int, n: int, k: int) -> int:
+    """Seed of image ``k`` of prompt ``prompt_index`` with ``n`` images per prompt: ``base + prompt_index * n + k``
+    (`diffusion-po sample` and `eval generate` alike, so the two give the same image for the same settings)."""
+    return int(base_seed) + int(prompt_index) * int(n) + int(k)
 
 
 def _weighted_field(value: Any, where: str) -> list[tuple[str, float]]:
@@ -29,7 +25,7 @@ def _weighted_field(value: Any, where: str) -> list[tuple[str, float]]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [(value, 1.0)]
+        return [parse_weighted(value)]
     if not isinstance(value, list):
         raise DataError(f"{where}: expected a string or a list, got {type(value).__name__}")
     out = []
@@ -37,11 +33,11 @@ def _weighted_field(value: Any, where: str) -> list[tuple[str, float]]:
         if isinstance(v, dict):
             if "text" not in v:
                 raise DataError(f"{where}: an entry {v} has no 'text'")
-            out.append((str(v["text"]), float(v.get("weight", 1.0))))
+            out.append((str(v["text"]), checked_weight(v.get("weight", 1.0), f"{where}: {v['text']}")))
         elif isinstance(v, (list, tuple)) and len(v) == 2:
-            out.append((str(v[0]), float(v[1])))
+            out.append((str(v[0]), checked_weight(v[1], f"{where}: {v[0]}")))
         elif isinstance(v, str):
-            out.append((v, 1.0))
+            out.append(parse_weighted(v))
         else:
             raise DataError(f"{where}: cannot read entry {v!r}; use \"text\", [\"text\", weight] or {{\"text\", \"weight\"}}")
     return out
@@ -121,4 +117,5 @@ def make_grid(images: list[Any], cols: int) -> Any:
     return grid
 
 
-__all__ = ["make_grid", "parse_weighted", "png_info", "read_png_metadata", "read_prompt_file", "weighted"]
+__all__ = ["make_grid", "parse_weighted", "png_info", "read_png_metadata", "read_prompt_file", "seed_for",
+           "weighted"]

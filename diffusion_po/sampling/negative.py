@@ -29,6 +29,7 @@ import torch
 
 from diffusion_po.errors import ModelLoadError
 from diffusion_po.families import family_class_for, network_of
+from diffusion_po.families.base import check_lora_family
 
 BASE_ADAPTER = "__base__"
 
@@ -171,13 +172,22 @@ def _lora_file_check(path: str | Path, what: str) -> None:
         raise ModelLoadError(f"{what} '{path}' does not exist (and is not a hub id of the form org/name)")
 
 
+def _lora_load_error(path: str | Path, what: str, exc: Exception) -> ModelLoadError:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not Path(path).exists():  # a hub id
+        msg += (" (a hub id: this machine may be offline (HF_HUB_OFFLINE) and the LoRA not in the cache; "
+                "download it once or pass a local folder)")
+    return ModelLoadError(f"could not load {what} '{path}': {msg}")
+
+
 def load_positive_lora(pipe: Any, path: str | Path, scale: float = 1.0) -> None:
     """Load a LoRA (network and text-encoder parts) and fuse it into the base weights: theta^+ = base + scale*Delta."""
     _lora_file_check(path, "--lora")
+    check_lora_family(pipe, path, "--lora")
     try:
         pipe.load_lora_weights(str(path), adapter_name="positive")
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load LoRA '{path}': {str(exc).splitlines()[0]}") from exc
+        raise _lora_load_error(path, "LoRA", exc) from exc
     pipe.fuse_lora(lora_scale=scale, adapter_names=["positive"])
     pipe.unload_lora_weights()
 
@@ -186,11 +196,12 @@ def load_npo_lora(pipe: Any, path: str | Path, adapter_name: str = "npo", kinds:
     """Load an NPO LoRA into the pipeline's network (only the network part) as adapter `adapter_name`,
     for mixed-adapter batches: theta^- = theta^+ + Delta_NPO (the reference's merge weight alpha = 0)."""
     _lora_file_check(path, "--npo-lora")
+    check_lora_family(pipe, path, "--npo-lora")
     name, network = family_class_for(pipe).network_name, network_of(pipe)
     try:
         out = type(pipe).lora_state_dict(str(path), return_lora_metadata=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load NPO LoRA '{path}': {str(exc).splitlines()[0]}") from exc
+        raise _lora_load_error(path, "NPO LoRA", exc) from exc
     # SD/SDXL loaders return (state, network_alphas, metadata); SD3 returns (state, metadata)
     state, alphas, metadata = out if len(out) == 3 else (out[0], None, out[1])
     network_keys = {k: v for k, v in state.items() if k.startswith(f"{name}.")}
@@ -211,21 +222,32 @@ def load_npo_lora(pipe: Any, path: str | Path, adapter_name: str = "npo", kinds:
     return NegativeModel(adapter=adapter_name, kinds=kinds, description=desc)
 
 
-def load_negative_network(pipe: Any, path: str | Path, kinds: tuple[str, ...] = ("uncond", "neg")) -> NegativeModel:
-    """A separate negative network from a diffusers pipeline folder (its unet/transformer) or a model folder,
-    of the same class as the pipeline's network."""
+def load_network_like(pipe: Any, path: str | Path, what: str = "--negative-model") -> torch.nn.Module:
+    """A network of the class of `pipe`'s unet/transformer from a pipeline or training output folder (its
+    unet/ or transformer/) or a model folder (config.json), on the device and in the dtype of `pipe`'s."""
     name, network = family_class_for(pipe).network_name, network_of(pipe)
-    cls = type(network)
     p = Path(path)
     subfolder = name if (p / name / "config.json").is_file() else None
     if p.exists() and subfolder is None and not (p / "config.json").is_file():
-        raise ModelLoadError(f"--negative-model '{path}': expected a pipeline folder with {name}/ or a model folder with config.json")
+        raise ModelLoadError(f"{what} '{path}': expected a pipeline or training output folder with {name}/ "
+                             "or a model folder with config.json")
     try:
-        neg = cls.from_pretrained(str(path), subfolder=subfolder)
+        loaded = type(network).from_pretrained(str(path), subfolder=subfolder)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load negative model '{path}': {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"{what} '{path}': could not load a {type(network).__name__}: "
+                             f"{str(exc).splitlines()[0]}") from exc
     param = next(network.parameters())
-    neg.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
+    return loaded.to(device=param.device, dtype=param.dtype)
+
+
+def swap_network(pipe: Any, path: str | Path, what: str = "--network") -> None:
+    """Replace `pipe`'s unet/transformer by a trained one (a full fine-tune's output folder)."""
+    pipe.register_modules(**{family_class_for(pipe).network_name: load_network_like(pipe, path, what).eval()})
+
+
+def load_negative_network(pipe: Any, path: str | Path, kinds: tuple[str, ...] = ("uncond", "neg")) -> NegativeModel:
+    """A separate negative network from a diffusers pipeline folder (its unet/transformer) or a model folder."""
+    neg = load_network_like(pipe, path, "--negative-model").eval().requires_grad_(False)
     return NegativeModel(network=neg, kinds=kinds, description={"negative_model": str(path)})
 
 

@@ -25,6 +25,7 @@ import torch
 from diffusion_po.families import Conditioning, Family, cat_cond, family_for_pipeline, slice_cond
 from diffusion_po.guidance import CFG, Branch, Guidance
 from diffusion_po.sampling.negative import BASE_ADAPTER, NegativeModel, adapter_on_rows, mixed_adapter_batch
+from diffusion_po.sampling.weights import checked_weight, parse_weighted
 
 WeightedPrompts = Sequence[str | tuple[str, float]]
 
@@ -44,18 +45,19 @@ class PromptSpec:
 
 
 def weighted(prompts: WeightedPrompts | str | None) -> list[tuple[str, float]]:
-    """Normalise "text", ["a", ("b", 1.5)] or None to [(text, weight)]."""
+    """Normalise "text", ["a", ("b", 1.5)] or None to [(text, weight)]; strings follow `parse_weighted`
+    ("red:1.5" is red at 1.5; see `diffusion_po.sampling.weights`)."""
     if prompts is None:
         return []
     if isinstance(prompts, str):
-        return [(prompts, 1.0)]
+        return [parse_weighted(prompts)]
     out = []
     for p in prompts:
         if isinstance(p, str):
-            out.append((p, 1.0))
+            out.append(parse_weighted(p))
         else:
             text, w = p
-            out.append((str(text), float(w)))
+            out.append((str(text), checked_weight(w, str(text))))
     return out
 
 

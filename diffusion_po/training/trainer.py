@@ -201,7 +201,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, config_source: str | None = None, family: Family | None = None):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import ProjectConfiguration, set_seed
 
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -253,6 +253,7 @@ class Trainer:
         network = self.family.network
         self.reference: torch.nn.Module | None = None
         self.channels_last = _want_channels_last(cfg, self.family, self.accelerator.device)
+        set_seed(cfg.seed)  # torch/numpy/random: peft's LoRA init draws from the global generator
         if cfg.use_lora:
             from peft import LoraConfig
 

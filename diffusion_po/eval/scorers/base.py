@@ -45,6 +45,29 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def flatten_on_white(image: Image.Image) -> Image.Image:
+    """The one rule for transparent images, for every scorer and `eval parity`: composite on white (as
+    transformers 5's CLIP processor does), then RGB. Opaque images are only converted to RGB."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.copy() if image.mode == "RGB" else image.convert("RGB")  # a loaded copy, not the lazy file
+
+
+def check_checkpoint_covers(module: torch.nn.Module, state: dict[str, Any], what: str, path: Any) -> None:
+    """A ModelLoadError when `state` lacks weights of `module` (a truncated or wrong checkpoint that a
+    `load_state_dict(strict=False)` would load silently, leaving those weights random)."""
+    from diffusion_po.errors import ModelLoadError
+
+    names = [n for n, _ in module.named_parameters()]
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ModelLoadError(
+            f"{what}: {path} lacks {len(missing)} of the model's {len(names)} weights (e.g. "
+            f"{', '.join(missing[:3])}): a truncated or wrong checkpoint; download it again"
+        )
+
+
 class Scorer(ABC):
     """Base class. Subclasses set ``name``, ``metrics`` (first = primary), ``version``, ``checkpoint``
     and ``checkpoint_hash`` and implement :meth:`image_transform` and :meth:`score_pixels`."""
@@ -125,7 +148,7 @@ class Scorer(ABC):
         if not images:
             return {m: [] for m in self.metrics}
         transform = self.image_transform()
-        pixels = torch.stack([transform(img) for img in images])
+        pixels = torch.stack([transform(flatten_on_white(img)) for img in images])
         out = self.score_pixels(pixels, list(prompts))
         return {k: v.detach().float().cpu().tolist() for k, v in out.items()}
 

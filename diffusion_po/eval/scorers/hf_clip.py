@@ -70,8 +70,16 @@ def load_pil_image_processor(path: Path, what: str) -> Any:
 
 
 def load_tokenizer(path: Path, what: str) -> Any:
+    """The CLIP tokenizer of a folder; its files must be there (transformers would build an empty one)."""
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file() and not all((folder / f).is_file() for f in ("vocab.json", "merges.txt")):
+        have = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (folder / f).is_file()]
+        raise ModelLoadError(
+            f"{what}: {path} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt "
+            f"(found {', '.join(have) or 'none of them'}); copy the tokenizer files of the model"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffusion_po.errors import ModelLoadError
 from diffusion_po.eval.models import checkpoint_hash, resolve_dir, resolve_file
-from diffusion_po.eval.scorers.base import Scorer
+from diffusion_po.eval.scorers.base import Scorer, check_checkpoint_covers
 from diffusion_po.eval.scorers.openclip import OPENAI_MEAN, OPENAI_STD
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -74,7 +74,15 @@ class ImageRewardScorer(Scorer):
                 return original(name, *args, **kwargs)
 
             transformers.BertTokenizer.from_pretrained = _local  # type: ignore[method-assign]
+        try:  # read here first: RM.load loads with strict=False, so a truncated file would load silently
+            state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"imagereward: cannot read {ckpt} ({type(exc).__name__}: {exc}); "
+                                 "download ImageReward.pt again") from exc
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"imagereward: {ckpt} does not hold a state dict")
         self.model = RM.load(str(ckpt), device=str(self.device), med_config=str(med)).eval()
+        check_checkpoint_covers(self.model, state, "imagereward", ckpt)
         self.checkpoint = str(ckpt)
         self.checkpoint_hash = checkpoint_hash(ckpt)
         version = getattr(RM, "__version__", "unknown")

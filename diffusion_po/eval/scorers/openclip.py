@@ -207,6 +207,9 @@ class OpenClipScoreScorer(_OpenClipScorer):
         path = resolve_dir("clip_openclip", checkpoint, models_root)
         if not (path / "open_clip_config.json").is_file():
             raise ModelLoadError(f"clip_openclip: {path} has no open_clip_config.json (an OpenCLIP hub folder)")
+        if not any(any(path.glob(f"*{ext}")) for ext in (".safetensors", ".bin", ".pth")):
+            raise ModelLoadError(f"clip_openclip: {path} has no weights (open_clip_model.safetensors or "
+                                 "open_clip_pytorch_model.bin); open_clip would build a random model")
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
             tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
