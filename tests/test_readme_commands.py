@@ -8,8 +8,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from tests.helpers import write_pickapic
 
 README = Path(__file__).resolve().parents[1] / "README.md"
