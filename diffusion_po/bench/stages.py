@@ -290,7 +290,8 @@ def stage_case(ctx: StageContext, case: str, reference: bool = True, profile: bo
     else:
         result = KINDS[spec["kind"]](case, spec, s, peak)
     result = {"case": case, "kind": spec["kind"], "reference": reference, "compile_cache_dir": str(cache),
-              "compile_cache_files_before": files_before, "matmul_peak_tflops": peak, **result}
+              "compile_cache_files_before": files_before,
+              "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "matmul_peak_tflops": peak, **result}
     print(format_case(case, result), flush=True)
     return result
 
@@ -560,8 +561,9 @@ def headline(out: Path) -> list[dict[str, Any]]:
     for label, row in (result("sdpa").get("shapes") or {}).items():
         best = row.get("fastest_fwd_bwd")
         ms = _get(row, best, "fwd_bwd_ms") if best else None
-        add(f"sdpa {label} fastest fwd+bwd backend", f"{best} {ms:.3f} ms" if ms else None,
-            unit=f"default {_get(row, 'default', 'fwd_bwd_ms') or float('nan'):.3f} ms")
+        default = _get(row, "default", "fwd_bwd_ms")
+        add(f"sdpa {label}: fastest fwd+bwd backend", f"{best} {ms:.3f} ms" if ms else None,
+            unit=f"(default {default:.3f} ms)" if default else "")
     for stage, label in (("sd15-dpo-full-cold", "SD1.5 full DPO"), ("sd15-dpo-lora", "SD1.5 LoRA DPO"),
                          ("sdxl-dpo-lora", "SDXL LoRA DPO")):
         r = result(stage)
