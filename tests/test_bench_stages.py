@@ -234,7 +234,7 @@ def test_bench_gpu_dry_run_end_to_end_on_the_cpu(tmp_path, capsys):
     results = {name: _read(out / f"{name}.json") for name in DEFAULT_STAGES}
     assert all(r["status"] == "ok" for r in results.values()), {n: r.get("error") for n, r in results.items()}
     env = results["env"]["result"]
-    assert env["matmul_peak"]["tflops"] > 0 and env["packages"]["torch"] == torch.__version__
+    assert env["matmul_peak"]["tflops"] > 0 and torch.__version__.startswith(env["packages"]["torch"])
     corr = results["correctness"]["result"]
     assert corr["passed"] and set(corr["steps"]) == {f"{f}-{k}" for f in ("sd", "sdxl", "sd3") for k in ("full", "lora")}
     assert all(abs(corr["steps"][f"{f}-lora"]["loss_minus_log2"]) < 1e-4 for f in ("sd", "sdxl", "sd3"))
