@@ -92,6 +92,32 @@ def test_bench_gpu_bad_arguments(tmp_path, capsys):
         assert "--size full needs a GPU" in capsys.readouterr().err
 
 
+def test_summary_reports_cold_and_warm_first_step_compile_errors_and_the_sdxl_choice(tmp_path):
+    from diffusion_po.bench.stages import headline, write_json
+
+    counters = {"graphs": 9, "graph_breaks": 0, "recompiles": 0, "fxgraph_cache_hit": 0, "fxgraph_cache_miss": 18,
+                "aot_autograd_cache_hit": 0, "aot_autograd_cache_miss": 9}
+    cold = {"ours": {"time_to_first_step_s": 71.5, "compiled": "failed (BackendCompilerFailed: x); running eager",
+                     "compile_error": "BackendCompilerFailed: x", "compile_counters": counters,
+                     "peak_gib": 40.25, "peak_reserved_gib": 44.5, "pairs_per_s": 60.0}, "ratios": {"speedup_vs_recipe": 2.6}}
+    warm_counters = counters | {"fxgraph_cache_hit": 18, "fxgraph_cache_miss": 0}
+    warm = {"ours": {"time_to_first_step_s": 12.0, "compile_counters": warm_counters}}
+    sdxl = {"ours_checkpointing": {"peak_gib": 20.0, "peak_reserved_gib": 22.0, "pairs_per_s": 1.0},
+            "ours_no_checkpointing": {"error": "out of memory"},
+            "checkpointing_choice": {"gradient_checkpointing": True, "reason": "without checkpointing: out of memory"}}
+    for name, result in (("sd15-dpo-full-cold", cold), ("sd15-dpo-full-warm", warm), ("sdxl-dpo-lora", sdxl)):
+        write_json(tmp_path / f"{name}.json", {"status": "ok", "result": result})
+    rows = {r["figure"]: r["value"] for r in headline(tmp_path)}
+    assert rows["SD1.5 full: time to first step, cold"] == 71.5
+    assert rows["SD1.5 full: time to first step, warm (compile cache)"] == 12.0
+    assert rows["SD1.5 full DPO: compile error"] == "BackendCompilerFailed: x"
+    assert rows["SD1.5 full DPO: ours training peak allocated / reserved, GiB"] == "40.2 / 44.5"
+    assert "FX cache hit/miss 18/0" in rows["SD1.5 full: compile counters, warm (compile cache)"]
+    assert rows["SDXL LoRA DPO: without checkpointing, peak allocated / reserved GiB, pairs/s"] == "out of memory"
+    assert rows["SDXL LoRA DPO: chosen"].startswith("with checkpointing")
+    assert not any(r.startswith(("device", "SD1.5 LoRA")) for r in rows)  # stages without a file are left out
+
+
 # ----------------------------------------------------------------------------- what the stages measure
 def test_profile_summary_of_a_synthetic_kernel_list():
     from diffusion_po.bench.measure import kernel_category, summarize_kernels

@@ -548,67 +548,75 @@ def _get(d: Any, *keys: str) -> Any:
 
 
 def headline(out: Path) -> list[dict[str, Any]]:
-    """The figures issue 13 asks for, from the stages' JSON files in `out` (missing ones as None)."""
-    def result(stage: str) -> dict[str, Any]:
-        return (read_json(out / f"{stage}.json") or {}).get("result") or {}
-
+    """The figures issue 13 asks for, from the stages' JSON files in `out` (stages without a file are left
+    out; a figure a stage did not reach is None)."""
     rows: list[dict[str, Any]] = []
 
     def add(figure: str, value: Any, target: str = "", unit: str = "") -> None:
         rows.append({"figure": figure, "value": value, "target": target, "unit": unit})
 
-    env = result("env")
-    add("device", env.get("device"))
-    add("matmul peak", _get(env, "matmul_peak", "tflops"), unit="TFLOP/s")
-    corr = result("correctness")
-    add("correctness (one DPO step per family, LoRA step-0 loss = log 2)", corr.get("passed"), "True")
-    add("host synchronisations in one train step", _get(corr, "sync", "sync_warnings"), "<= 1")
-    for label, row in (result("sdpa").get("shapes") or {}).items():
+    def result(stage: str) -> dict[str, Any] | None:
+        written = read_json(out / f"{stage}.json")
+        return None if written is None else written.get("result") or {}
+
+    if (env := result("env")) is not None:
+        add("device", env.get("device"))
+        add("matmul peak", _get(env, "matmul_peak", "tflops"), unit="TFLOP/s")
+    if (corr := result("correctness")) is not None:
+        add("correctness (one DPO step per family, LoRA step-0 loss = log 2)", corr.get("passed"), "True")
+        add("host synchronisations in one train step", _get(corr, "sync", "sync_warnings"), "<= 1")
+    for label, row in ((result("sdpa") or {}).get("shapes") or {}).items():
         best = row.get("fastest_fwd_bwd")
-        ms = _get(row, best, "fwd_bwd_ms") if best else None
-        default = _get(row, "default", "fwd_bwd_ms")
+        ms, default = _get(row, best, "fwd_bwd_ms") if best else None, _get(row, "default", "fwd_bwd_ms")
         add(f"sdpa {label}: fastest fwd+bwd backend", f"{best} {ms:.3f} ms" if ms else None,
             unit=f"(default {default:.3f} ms)" if default else "")
-    for stage, label in (("sd15-dpo-full-cold", "SD1.5 full DPO"), ("sd15-dpo-lora", "SD1.5 LoRA DPO"),
-                         ("sdxl-dpo-lora", "SDXL LoRA DPO")):
-        r = result(stage)
+    for stage, label, target in (("sd15-dpo-full-cold", "SD1.5 full DPO", ">= 2.5x"),
+                                 ("sd15-dpo-lora", "SD1.5 LoRA DPO", ">= 2.5x"), ("sdxl-dpo-lora", "SDXL LoRA DPO", ""),
+                                 ("sdxl-dpo-full", "SDXL full DPO", ">= 2x")):
+        if (r := result(stage)) is None:
+            continue
         ours = r.get("ours") or {}
-        add(f"{label}: ours / recipe pairs/s", _get(r, "ratios", "speedup_vs_recipe"),
-            ">= 2.5x" if stage.startswith("sd15") else "")
-        add(f"{label}: ours pairs/s", ours.get("pairs_per_s"))
-        add(f"{label}: ours peak allocated / reserved GiB",
-            None if ours.get("peak_gib") is None else f"{ours['peak_gib']:.1f} / {ours.get('peak_reserved_gib', 0):.1f}")
+        add(f"{label}: ours / recipe, pairs/s", _get(r, "ratios", "speedup_vs_recipe"), target)
+        add(f"{label}: ours pairs/s (MFU)", ours.get("pairs_per_s"),
+            unit=f"({100 * ours['mfu']:.1f}%)" if ours.get("mfu") else "")
+        add(f"{label}: ours training peak allocated / reserved, GiB", _pair(ours, "peak_gib", "peak_reserved_gib"))
         add(f"{label}: memory ours / recipe at the same pairs", _get(r, "ratios", "memory_vs_recipe_same_pairs"),
             "<= 1" if stage.startswith("sd15") else "")
-        add(f"{label}: compiled", ours.get("compiled"))
+        add(f"{label}: compiled", ours.get("compiled") or ours.get("error"))
         if ours.get("compile_error"):
-            add(f"{label}: compile error", ours.get("compile_error"))
-    cold, warm = result("sd15-dpo-full-cold").get("ours") or {}, result("sd15-dpo-full-warm").get("ours") or {}
-    add("SD1.5 full: time to first step, cold", cold.get("time_to_first_step_s"), "<= 90 s", "s")
-    add("SD1.5 full: time to first step, warm (compile cache)", warm.get("time_to_first_step_s"), "<= 90 s", "s")
-    for which, row in (("cold", cold), ("warm", warm)):
-        c = row.get("compile_counters") or {}
-        if c:
+            add(f"{label}: compile error", ours["compile_error"])
+        for key, how in (("ours_checkpointing", "with"), ("ours_no_checkpointing", "without")):
+            if key in r:
+                row = r[key]
+                add(f"{label}: {how} checkpointing, peak allocated / reserved GiB, pairs/s",
+                    row.get("error") or f"{_cell(_pair(row, 'peak_gib', 'peak_reserved_gib'))}, {_cell(row.get('pairs_per_s'))}",
+                    "<= 24 GiB" if stage == "sdxl-dpo-lora" and how == "with" else "")
+        if choice := r.get("checkpointing_choice"):
+            add(f"{label}: chosen", f"{'with' if choice['gradient_checkpointing'] else 'without'} checkpointing "
+                                    f"({choice['reason']})")
+    for stage, which in (("sd15-dpo-full-cold", "cold"), ("sd15-dpo-full-warm", "warm (compile cache)")):
+        if (r := result(stage)) is None:
+            continue
+        ours = r.get("ours") or {}
+        add(f"SD1.5 full: time to first step, {which}", ours.get("time_to_first_step_s"), "<= 90 s", "s")
+        if c := ours.get("compile_counters"):
             add(f"SD1.5 full: compile counters, {which}",
-                f"graphs {c.get('graphs')}, breaks {c.get('graph_breaks')}, fx hit/miss "
-                f"{c.get('fxgraph_cache_hit')}/{c.get('fxgraph_cache_miss')}, aot hit/miss "
-                f"{c.get('aot_autograd_cache_hit')}/{c.get('aot_autograd_cache_miss')}")
-    prof = cold.get("profile") or {}
-    if "busy_fraction" in prof:
-        ms = prof.get("ms_per_step", {})
-        add("SD1.5 full: device busy fraction (profiled steps)", prof["busy_fraction"])
-        add("SD1.5 full: ms per step attention/conv/gemm/triton/optimizer",
-            " / ".join(f"{ms.get(k, 0):.1f}" for k in ("attention", "conv", "gemm", "triton", "optimizer")))
-    sdxl = result("sdxl-dpo-lora")
-    for key, label in (("ours_checkpointing", "with"), ("ours_no_checkpointing", "without")):
-        row = sdxl.get(key) or {}
-        add(f"SDXL LoRA 1 pair, {label} checkpointing: peak allocated GiB", row.get("peak_gib") or row.get("error"),
-            "<= 24" if key == "ours_checkpointing" else "")
-    choice = sdxl.get("checkpointing_choice") or {}
-    if choice:
-        add("SDXL: chosen", f"{'with' if choice['gradient_checkpointing'] else 'without'} checkpointing: "
-                            f"{choice['reason']}")
+                f"graphs {c['graphs']}, breaks {c['graph_breaks']}, recompiles {c['recompiles']}, FX cache hit/miss "
+                f"{c['fxgraph_cache_hit']}/{c['fxgraph_cache_miss']}, AOT hit/miss "
+                f"{c['aot_autograd_cache_hit']}/{c['aot_autograd_cache_miss']}")
+        if "busy_fraction" in (prof := ours.get("profile") or {}):
+            ms = prof["ms_per_step"]
+            add("SD1.5 full: device busy fraction (profiled steps)", prof["busy_fraction"])
+            add("SD1.5 full: ms per step in attention / conv / gemm / triton / optimizer",
+                " / ".join(f"{ms.get(k, 0):.1f}" for k in ("attention", "conv", "gemm", "triton", "optimizer"))
+                + f" of {prof['window_ms_per_step']:.1f}")
     return rows
+
+
+def _pair(row: dict[str, Any], a: str, b: str) -> str | None:
+    if row.get(a) is None:
+        return None
+    return f"{row[a]:.1f} / {row[b]:.1f}" if row.get(b) is not None else f"{row[a]:.1f}"
 
 
 def _cell(v: Any) -> str:
