@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 7 (performance): `diffusion-po bench --size full` for every case, on one
-# H100/H200, in about 6-9 minutes, with a short GPU correctness check first.
+# The prepared GPU measurement (issue 13): installs the carried wheels, then runs
+# `diffusion-po bench gpu`, whose stages (env, correctness, sdpa, sd15-dpo-full-cold, sd15-dpo-full-warm,
+# sd15-dpo-lora, sdxl-dpo-lora) run one process each, in priority order, each under its own time cap,
+# each writing $OUT/<stage>.json when it finishes; $OUT/summary.json is rewritten after every stage.
 #
 # 1. Here (a machine with PyPI), once:      bash scripts/gpu_bench.sh fetch
 #    downloads the wheels the device image lacks into .whl/ (~12 MB; ignored by git: .gitignore has .whl/).
 # 2. With the device tool:                  run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=600)
-# 3. Results under $OUT: bench-full.json (every case, merged), bench.log (the tables), gpu_tests.log, gpu.txt.
+# 3. Results under $OUT: one <stage>.json per stage and summary.json (8 files: the device tool returns at
+#    most 8); the log, with the markdown summary last, is the command's output.
 #
-# Environment: BUDGET_S (default 570: seconds for the whole script, under the device tool's 600 s per
-# command; a group that would start with under 40 s left is skipped), CASES (space-separated groups, each
-# one process, cases within a group comma-separated; default: all, most important first), STEPS / WARMUP
-# (timed / untimed steps per measurement, default 5 / 2), SKIP_TESTS=1 (no correctness check), EXTRA
-# (e.g. "--set compile=none"), SIZE=tiny (to try the script itself on a CPU).
+# Environment: BUDGET_S (default 480: seconds for all stages, under the device tool's 600 s per command),
+# STAGES (comma-separated, default: all of the above), STEPS / WARMUP (timed / untimed steps per
+# measurement, default 5 / 2), EXTRA (more arguments, e.g. "--set compile=none" or "--cap sdpa=30"),
+# SIZE=tiny (with EXTRA="--device cpu": the dry run of the whole command on a CPU).
+# The exit status is 0 only when every stage finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,75 +33,19 @@ fi
 
 OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
-START=$SECONDS
-BUDGET_S=${BUDGET_S:-570}
-STEPS=${STEPS:-5}
-WARMUP=${WARMUP:-2}
-CASES=${CASES:-"sd15-dpo-full,sd15-dpo-lora sd15-sampling sdxl-dpo-full,sdxl-dpo-lora sd15-dro,sd3-dpo-lora"}
-EXTRA=${EXTRA:-}
-SIZE=${SIZE:-full}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 else
-  echo "no .whl/ carried: using the image's packages (run 'bash scripts/gpu_bench.sh fetch' here first)"
-  export PYTHONPATH=$PWD
+  echo "no .whl/ carried: using the installed packages (run 'bash scripts/gpu_bench.sh fetch' here first)"
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}  # shared by all cases of the run
 
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"
-} 2>&1 | tee "$OUT/gpu.txt"
-
-# 0. correctness on the GPU: compiled (inductor) blocks, channels-last and the inference-mode reference keep
-#    the loss and gradients of the plain path; the device prefetcher moves batches (tiny models, ~1 min)
-if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout -k 10 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast.py \
-    -k "inductor or prefetcher or channels_last or frozen_weights" 2>&1 | tail -n 40 > "$OUT/gpu_tests.log"
-  tail -n 3 "$OUT/gpu_tests.log"
-fi
-
-# 1. the benchmark, one process per group of cases (a crash or a CUDA error stays in its group; the JSON
-#    is rewritten after every case, so a group cut short keeps its finished cases), most important first
-for group in $CASES; do
-  left=$((BUDGET_S - 15 - (SECONDS - START)))
-  if [ "$left" -lt 40 ]; then
-    echo "[$group] skipped: ${left}s left of BUDGET_S=$BUDGET_S" | tee -a "$OUT/bench.log"
-    continue
-  fi
-  # shellcheck disable=SC2086
-  timeout -k 10 "$left" python3 -m diffusion_po.cli bench --size "$SIZE" --cases "$group" --steps "$STEPS" \
-    --warmup "$WARMUP" --json "$WORK/${group//,/+}.json" $EXTRA 2>&1 | grep -v -E "it/s\]|Loading" | tee -a "$OUT/bench.log"
-  echo "[$group] exit ${PIPESTATUS[0]} after $((SECONDS - START))s" | tee -a "$OUT/bench.log"
-done
-
-# 2. one JSON with every case, and the table again at the end of the output
-python3 - "$WORK" "$OUT/bench-full.json" <<'EOF'
-import json, sys
-from pathlib import Path
-from diffusion_po.bench.runner import CASES, format_case
-work, dest = Path(sys.argv[1]), Path(sys.argv[2])
-merged = None
-for f in sorted(work.glob("*.json")):
-    r = json.loads(f.read_text())
-    if merged is None:
-        merged = {k: v for k, v in r.items() if k != "cases"} | {"cases": {}}
-    merged["cases"].update(r["cases"])
-if merged is None:
-    print("no results")
-    sys.exit(1)
-merged["cases"] = {k: merged["cases"][k] for k in sorted(merged["cases"], key=list(CASES).index)}
-dest.write_text(json.dumps(merged, indent=1))
-env = merged["environment"]
-print(f"\n== {env['device']} | torch {env['torch']} | diffusers {env['diffusers']} | "
-      f"bf16 matmul {merged['matmul_peak']['tflops']:.0f} TFLOP/s ==")
-for name, r in merged["cases"].items():
-    print(format_case(name, r))
-EOF
-echo "total $((SECONDS - START))s; results in $OUT"
+ARGS=(--out "$OUT" --budget-s "${BUDGET_S:-480}" --size "${SIZE:-full}" --steps "${STEPS:-5}" --warmup "${WARMUP:-2}")
+if [ -n "${STAGES:-}" ]; then ARGS+=(--stages "$STAGES"); fi
+# shellcheck disable=SC2086
+exec python3 -m diffusion_po.cli bench gpu "${ARGS[@]}" ${EXTRA:-}

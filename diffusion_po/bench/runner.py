@@ -28,8 +28,11 @@ import torch
 from diffusion_po.bench.measure import (
     count_flops,
     free_memory,
+    kernel_profile,
     matmul_peak_tflops,
     peak_gib,
+    peak_reserved_gib,
+    reset_peak,
     sync,
     time_steps,
 )
@@ -47,12 +50,14 @@ CASES: dict[str, dict[str, Any]] = {
     "sd15-sampling": {"kind": "sample", "model": "sd15", "images": {"full": 8, "tiny": 2},
                       "steps": {"full": 50, "tiny": 3},
                       "targets": {"speedup_vs_stock": 1.5, "perp_neg_vs_cfg_step": 1.5}},
+    # SDXL: the recipe checkpoints (as measured); ours runs both ways and keeps the one without
+    # checkpointing when the device has room for it (`choose_checkpointing`)
     "sdxl-dpo-full": {"kind": "train", "model": "sdxl", "lora": False, "pairs": {"full": 4, "tiny": 2},
                       "recipe_pairs": {"full": 4, "tiny": 2}, "recipe_encoders": False, "checkpointing": True,
-                      "targets": {"speedup_vs_recipe": 2.0}},
+                      "choose_checkpointing": True, "targets": {"speedup_vs_recipe": 2.0}},
     "sdxl-dpo-lora": {"kind": "train", "model": "sdxl", "lora": True, "pairs": {"full": 1, "tiny": 1},
                       "recipe_pairs": {"full": 1, "tiny": 1}, "recipe_encoders": False, "checkpointing": True,
-                      "targets": {"peak_gib_max": 24.0}},
+                      "choose_checkpointing": True, "targets": {"peak_gib_max": 24.0}},
     "sd15-dro": {"kind": "dro", "model": "sd15", "images": {"full": 8, "tiny": 2}, "targets": {}},
     "sd3-dpo-lora": {"kind": "train", "model": "sd3", "lora": True, "pairs": {"full": 4, "tiny": 2},
                      "recipe_pairs": {"full": 4, "tiny": 2}, "recipe_encoders": False, "checkpointing": False,
@@ -71,6 +76,8 @@ class Settings:
     reference: bool = True
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Trainer config keys for our path (speed switches), e.g. {"compile": "none"}."""
+    profile_steps: int = 0
+    """Steps of our path to profile with torch.profiler after timing (0: none)."""
 
     def resolved(self) -> Settings:
         dev = self.device
@@ -169,17 +176,27 @@ def _our_trainer(pipe: Any, model: str, s: Settings, pairs: int, lora: bool, che
 
 def _ours(pipe: Any, model: str, s: Settings, dev: torch.device, pairs: int, lora: bool, checkpointing: bool,
           cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from diffusion_po.families.compiling import compile_counters
+
     free_memory(dev)
+    before = compile_counters()
     t0 = time.perf_counter()
     trainer = _our_trainer(pipe, model, s, pairs, lora, checkpointing)
     setup = time.perf_counter() - t0
     batch = _cached_batch(trainer.family, cond, pairs, True, trainer.cfg.resolution, dev)
+    reset_peak(dev)  # the training peak: weights, optimizer state and the steps, not set-up transients
     try:
         t = time_steps(lambda: trainer.train_step(batch), dev, s.warmup, s.steps)
+        after = compile_counters()
         out = {"pairs": pairs, "pairs_per_s": pairs / t["mean_s"], "step_ms": 1e3 * t["mean_s"],
                "step_ms_median": 1e3 * t["median_s"], "first_step_s": t["first_s"], "setup_s": setup,
-               "time_to_first_step_s": setup + t["first_s"], "peak_gib": peak_gib(dev), "compiled": trainer.compiled,
+               "time_to_first_step_s": setup + t["first_s"], "peak_gib": peak_gib(dev),
+               "peak_reserved_gib": peak_reserved_gib(dev), "gradient_checkpointing": checkpointing,
+               "compiled": trainer.compiled, "compile_error": trainer.compile_error,
+               "compile_counters": {k: after[k] - before.get(k, 0) for k in after},
                "channels_last": trainer.channels_last}
+        if s.profile_steps:
+            out["profile"] = _safe(kernel_profile, lambda: trainer.train_step(batch), dev, s.profile_steps)
     finally:
         trainer = batch = None
         free_memory(dev)
@@ -197,10 +214,12 @@ def _recipe(pipe: Any, model: str, s: Settings, dev: torch.device, pairs: int, l
     step, release = reference_step(pipe, model, pairs, RESOLUTION[(model, s.size)],
                                    {k: tuple(v.shape) for k, v in cond.items()}, dev, lora=lora,
                                    with_encoders=with_encoders, gradient_checkpointing=checkpointing, amp=s.amp)
+    reset_peak(dev)  # as for ours: the training peak
     try:
         t = time_steps(step, dev, s.warmup, s.steps)
         out = {"pairs": pairs, "pairs_per_s": pairs / t["mean_s"], "step_ms": 1e3 * t["mean_s"],
                "step_ms_median": 1e3 * t["median_s"], "first_step_s": t["first_s"], "peak_gib": peak_gib(dev),
+               "peak_reserved_gib": peak_reserved_gib(dev), "gradient_checkpointing": checkpointing,
                "encoders_each_step": with_encoders}
     finally:
         release()
@@ -219,8 +238,35 @@ def _safe(fn, *args, **kwargs) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"[:400], "traceback": traceback.format_exc()[-1500:]}
 
 
-def train_case(name: str, spec: dict[str, Any], s: Settings, peak_tflops: float) -> dict[str, Any]:
+#: the device's share that our path without gradient checkpointing must leave free to be chosen
+ROOM_MARGIN = 0.10
+
+
+def choose_checkpointing(without: dict[str, Any], total_gib: float | None) -> dict[str, Any]:
+    """SDXL's rule: train without gradient checkpointing when that run fit (no error) and its measured
+    training peak (reserved) leaves at least ROOM_MARGIN of the device's memory free; else checkpoint.
+    `total_gib` is None on the CPU (no memory limit is measured: the run fitting decides)."""
+    peak = without.get("peak_reserved_gib")
+    if "error" in without:
+        ok, why = False, f"without checkpointing: {without['error'][:120]}"
+    elif total_gib is None or peak is None:
+        ok, why = True, "without checkpointing ran (no device memory limit measured here)"
+    else:
+        ok = peak <= (1 - ROOM_MARGIN) * total_gib
+        why = (f"without checkpointing the training peak is {peak:.1f} GiB reserved of {total_gib:.1f} GiB "
+               f"({'leaves' if ok else 'does not leave'} {ROOM_MARGIN:.0%} free)")
+    return {"gradient_checkpointing": not ok, "reason": why}
+
+
+def train_case(name: str, spec: dict[str, Any], s: Settings, peak_tflops: float,
+               partial=None) -> dict[str, Any]:
+    """One training case. `partial(result)`, if given, is called after every variant (so a caller killed
+    for time keeps what was measured)."""
     from diffusion_po.families import family_for_pipeline
+
+    def done(result: dict[str, Any]) -> None:
+        if partial is not None:
+            partial(result)
 
     dev = torch.device(s.device)
     model, lora, ckpt = spec["model"], spec["lora"], spec["checkpointing"]
@@ -240,7 +286,24 @@ def train_case(name: str, spec: dict[str, Any], s: Settings, peak_tflops: float)
         for p, e in variants:
             key = f"recipe_p{p}_{'encoders' if e else 'cached'}"
             result[key] = _safe(_recipe, pipe, model, s, dev, p, lora, ckpt, e, cond)
-    result["ours"] = _safe(_ours, pipe, model, s, dev, pairs, lora, ckpt, cond)
+            done(result)
+    if "gradient_checkpointing" in s.overrides:  # the user's choice wins over the case's and the rule
+        ckpt = bool(s.overrides["gradient_checkpointing"])
+        result["ours"] = _safe(_ours, pipe, model, s, dev, pairs, lora, ckpt, cond)
+    elif spec.get("choose_checkpointing"):
+        result["ours_checkpointing"] = _safe(_ours, pipe, model, s, dev, pairs, lora, True, cond)
+        done(result)
+        # the trainer changed the network in place (checkpointing on, adapters): a fresh one, same seed
+        pipe = None
+        free_memory(dev)
+        pipe = build_pipeline(model, s.size, network_device=dev)
+        without = result["ours_no_checkpointing"] = _safe(_ours, pipe, model, s, dev, pairs, lora, False, cond)
+        total = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else None
+        result["checkpointing_choice"] = choose_checkpointing(without, total)
+        chosen = result["checkpointing_choice"]["gradient_checkpointing"]
+        result["ours"] = result["ours_checkpointing" if chosen else "ours_no_checkpointing"]
+    else:
+        result["ours"] = _safe(_ours, pipe, model, s, dev, pairs, lora, ckpt, cond)
     for row in result.values():
         if isinstance(row, dict) and "pairs_per_s" in row:
             row["mfu"] = row["pairs_per_s"] * per_pair / (peak_tflops * 1e12)
@@ -257,13 +320,17 @@ def train_case(name: str, spec: dict[str, Any], s: Settings, peak_tflops: float)
         if ours.get("peak_gib") and same.get("peak_gib"):
             ratios["memory_vs_recipe_same_pairs"] = ours["peak_gib"] / same["peak_gib"]
     result["ratios"] = ratios
-    result["checks"] = _checks(spec.get("targets", {}), ratios, ours)
+    # the memory target (SDXL LoRA in 24 GiB) is for the checkpointing path, whichever is chosen here
+    result["checks"] = _checks(spec.get("targets", {}), ratios, ours,
+                               memory_row=result.get("ours_checkpointing", ours))
+    done(result)
     pipe = None
     free_memory(dev)
     return result
 
 
-def _checks(targets: dict[str, float], ratios: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+def _checks(targets: dict[str, float], ratios: dict[str, Any], ours: dict[str, Any],
+            memory_row: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, target in targets.items():
         if key in ("speedup_vs_recipe", "speedup_vs_stock"):
@@ -279,7 +346,7 @@ def _checks(targets: dict[str, float], ratios: dict[str, Any], ours: dict[str, A
             value = ours.get("time_to_first_step_s")
             ok = None if value is None else value <= target
         elif key == "peak_gib_max":
-            value = ours.get("peak_gib")
+            value = (memory_row or ours).get("peak_gib")
             ok = None if value is None else value <= target
         else:
             continue
@@ -461,18 +528,23 @@ def format_case(name: str, r: dict[str, Any]) -> str:
     kind = r.get("kind")
     if kind == "train":
         lines.append(f"  {'variant':34s} {'pairs':>5s} {'pairs/s':>8s} {'step ms':>8s} {'peak GiB':>8s} "
-                     f"{'MFU %':>6s} {'1st step s':>10s}")
+                     f"{'reserved':>8s} {'MFU %':>6s} {'1st step s':>10s}")
+        both = "checkpointing_choice" in r  # then "ours" is one of the two rows below
         for key, row in r.items():
-            if not (key == "ours" or key.startswith("recipe_")) or not isinstance(row, dict):
+            if key == "ours" and both:
                 continue
-            label = "ours (trainer, cached)" if key == "ours" else key.replace("_", " ")
+            if not (key.startswith(("ours", "recipe_"))) or not isinstance(row, dict):
+                continue
+            label = {"ours": "ours (trainer, cached)", "ours_checkpointing": "ours, checkpointing",
+                     "ours_no_checkpointing": "ours, no checkpointing"}.get(key, key.replace("_", " "))
             if "error" in row:
                 lines.append(f"  {label:34s} error: {row['error'][:80]}")
                 continue
             first = row.get("time_to_first_step_s", row.get("first_step_s"))
             mfu = row.get("mfu")
             lines.append(f"  {label:34s} {row['pairs']:5d} {_fmt(row['pairs_per_s']):>8s} {_fmt(row['step_ms'], '.1f'):>8s} "
-                         f"{_fmt(row.get('peak_gib')):>8s} {_fmt(None if mfu is None else 100 * mfu, '.1f'):>6s} "
+                         f"{_fmt(row.get('peak_gib')):>8s} {_fmt(row.get('peak_reserved_gib')):>8s} "
+                         f"{_fmt(None if mfu is None else 100 * mfu, '.1f'):>6s} "
                          f"{_fmt(first, '.1f'):>10s}")
     elif kind == "dro" and "images_per_s" in r.get("ours", {}):
         o = r["ours"]
@@ -492,6 +564,10 @@ def format_case(name: str, r: dict[str, Any]) -> str:
             if row and "error" not in row:
                 costs = ", ".join(f"{m} {_fmt(v['ms'], '.1f')} ms (x{_fmt(v['x_cfg'])})" for m, v in row.items())
                 lines.append(f"  per step {'(eager)' if key.endswith('eager') else '(fast)':8s} {costs}")
+    if "checkpointing_choice" in r:
+        choice = r["checkpointing_choice"]
+        lines.append(f"  chosen: {'with' if choice['gradient_checkpointing'] else 'without'} gradient "
+                     f"checkpointing ({choice['reason']})")
     if r.get("error") and "ours" in r:
         lines.append(f"  error: {r['error']}")
     for key, value in (r.get("ratios") or {}).items():
