@@ -69,9 +69,11 @@ def count_host_reads():
             setattr(torch.Tensor, name, fn)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_train_step_reads_the_device_at_most_once(tmp_path, tiny_sd, fused):
-    trainer = _trainer(tmp_path, tiny_sd, gradient_accumulation_steps=2, fused_optimizer=fused)
+@pytest.mark.parametrize(("fused", "dropout"), [(False, 0.0), (True, 0.0), (True, 0.5)])
+def test_train_step_reads_the_device_at_most_once(tmp_path, tiny_sd, fused, dropout):
+    """With prompt dropout too (the Salesforce recipe's 0.2): its draws come from a host generator."""
+    trainer = _trainer(tmp_path, tiny_sd, gradient_accumulation_steps=2, fused_optimizer=fused,
+                       proportion_empty_prompts=dropout)
     assert trainer.skips_on_device is fused
     for _ in range(2):  # two optimizer steps of two micro-steps each
         with count_host_reads() as calls:

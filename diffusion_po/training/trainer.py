@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import logging
 import os
+import random
 import shutil
 import statistics
 import time
@@ -64,6 +65,7 @@ class TrainState:
     """Distinct bad rows seen so far, over all processes."""
     bad_row_ids: list[Any] = field(default_factory=list)
     generator_state: torch.Tensor | None = None
+    host_generator_state: tuple | None = None
     method_state: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
@@ -71,6 +73,10 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+#: the host generator's seed is the run's seed plus this (its stream differs from the device generator's on CPU)
+HOST_SEED_OFFSET = 1_000_003
 
 
 class Context:
@@ -85,6 +91,8 @@ class Context:
         self.num_processes: int = trainer.accelerator.num_processes
         # on the training device: the draws need no host-to-device copy (and no synchronisation)
         self.generator = torch.Generator(device=self.device).manual_seed(trainer.cfg.seed)
+        #: host-side draws (prompt dropout picks strings): a stream of its own, so no device read is needed
+        self.host_generator = random.Random(trainer.cfg.seed + HOST_SEED_OFFSET)
 
     # --- random draws: global, sliced per process
     def _slice(self, full: torch.Tensor, n: int) -> torch.Tensor:
@@ -139,8 +147,10 @@ class Context:
         prompts = list(prompts)
         p = self.config.proportion_empty_prompts
         if p > 0:
-            drop = self.rand(len(prompts)) < p
-            prompts = ["" if d else text for d, text in zip(drop.tolist(), prompts)]
+            # decided on the host (they pick strings), from a host generator: no device read
+            lo = self.process_index * self.config.train_batch_size
+            draws = [self.host_generator.random() for _ in range(self._global_n(len(prompts)))][lo : lo + len(prompts)]
+            prompts = ["" if u < p else text for u, text in zip(draws, prompts)]
         if batch is not None and "prompt_cond" in batch and p == 0:  # precomputed embeddings (data cache)
             return cond_to(batch["prompt_cond"], self.device)
         sizes, crops = self.image_sizes(batch)
@@ -465,6 +475,8 @@ class Trainer:
                                 "checkpoint-N, or start a new run") from exc
             if self.state.generator_state is not None:
                 self.context.generator.set_state(self.state.generator_state)
+            if self.state.host_generator_state is not None:
+                self.context.host_generator.setstate(self.state.host_generator_state)
             self.method.load_state_dict(self.state.method_state)
             acc.print(f"resumed from {resume} at step {self.state.step}")
         self._last_commit_step = self.state.step
@@ -682,6 +694,7 @@ class Trainer:
         self.check_before_commit()
         tmp = ckpt.temporary_dir(self.output_dir, step)
         self.state.generator_state = self.context.generator.get_state()
+        self.state.host_generator_state = self.context.host_generator.getstate()
         self.state.method_state = self.method.state_dict()
         with self._disk_full_stops(tmp):
             acc.save_state(str(tmp))  # (accelerate makes channels-last weights contiguous for safetensors)
