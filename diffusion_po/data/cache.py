@@ -613,7 +613,8 @@ def build_cache_data(
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    return TrainData(loader, f"cache {reader.folder} ({meta.source})", len(positions), dropped)
+    return TrainData(loader, f"cache {reader.folder} ({meta.source})", len(positions), dropped,
+                     sampler.batches_per_epoch)
 
 
 __all__ = [

@@ -454,6 +454,8 @@ class TrainData:
     source: str
     num_rows: int | None
     dropped_ties: int = 0
+    batches_per_epoch: int | None = None
+    """Global micro-batches in one pass over the data (None when streaming)."""
 
 
 def build_train_data(
@@ -489,4 +491,4 @@ def build_train_data(
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    return TrainData(loader, source, len(ids), dropped)
+    return TrainData(loader, source, len(ids), dropped, sampler.batches_per_epoch)

@@ -26,6 +26,7 @@ from diffusion_po.config import (
     default_num_workers,
     resolve_total_batch,
     save_config,
+    steps_for_epochs,
     to_dict,
     weight_dtype_of,
 )
@@ -105,6 +106,17 @@ class Context:
     def timesteps(self, n: int) -> torch.Tensor:
         full = self.family.sample_timesteps(self._global_n(n), self.generator)
         return self._slice(full, n).to(self.device)
+
+    def training_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        noise = self.randn(shape)
+        offset = self.config.noise_offset
+        if offset > 0:  # as the diffusers examples: offset x a normal per sample and channel, drawn after the noise
+            noise = noise + offset * self.randn((shape[0], shape[1], *([1] * (len(shape) - 2))))
+        return noise
+
+    def error_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        gamma = self.config.snr_gamma
+        return None if gamma is None else self.family.min_snr_weights(t, gamma).to(self.device)
 
     # --- inputs
     IMAGE_KEYS = ("latents", "latent_mean", "pixels")
@@ -231,14 +243,14 @@ class Trainer:
             )
         self.method: Method = method_cls(cfg)
         self.weight_dtype = weight_dtype_of(cfg.mixed_precision)
-        if torch.cuda.is_available() and cfg.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        set_tf32(cfg.allow_tf32, self.accelerator.device)
 
         if family is None:
             family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
                                  cfg.revision, cfg.variant, max_sequence_length=cfg.max_sequence_length)
         self.family = family
+        if cfg.snr_gamma is not None:
+            check_snr_gamma(family)
         self.cache_fingerprint: str | None = None
         if cfg.data.format == "cache":  # the encoders' identity, taken before they are cast to bf16/fp16
             from diffusion_po.data.cache import fingerprint
@@ -261,7 +273,7 @@ class Trainer:
                 torch.nn.Module.to(network, self.weight_dtype)  # frozen base in bf16/fp16, as the diffusers examples
             network.add_adapter(LoraConfig(
                 r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, init_lora_weights="gaussian",
-                target_modules=cfg.lora_target_modules,
+                target_modules=cfg.lora_target_modules, use_dora=cfg.use_dora,
             ))
             for p in network.parameters():
                 if p.requires_grad:
@@ -284,6 +296,8 @@ class Trainer:
         if self.reference is not None:
             speed_up(self.reference, cfg, self.family, self.accelerator.device, self.channels_last)
 
+        if cfg.num_train_epochs is not None:  # the steps follow from the data: count its batches once
+            self.cfg = cfg = steps_for_epochs(cfg, self.build_data(count_only=True).batches_per_epoch)
         params = [p for p in network.parameters() if p.requires_grad]
         lr = cfg.learning_rate
         if cfg.scale_lr:
@@ -557,17 +571,19 @@ class Trainer:
         acc.end_training()
         return self.output_dir
 
-    def build_data(self):
-        """This process's loader from the run's micro-step on: image files, or the data cache."""
+    def build_data(self, count_only: bool = False):
+        """This process's loader from the run's micro-step on: image files, or the data cache.
+        `count_only`: for its row and batch counts (no loader workers, position 0)."""
         cfg, acc = self.cfg, self.accelerator
-        workers = default_num_workers(cfg, acc.device.type, acc.num_processes)
+        workers = 0 if count_only else default_num_workers(cfg, acc.device.type, acc.num_processes)
+        micro_step = 0 if count_only else self.state.micro_step
         if cfg.data.format == "cache":
             from diffusion_po.data.cache import build_cache_data
 
             return build_cache_data(cfg, self.family, self.method_formats, cfg.train_batch_size, acc.process_index,
-                                    acc.num_processes, self.state.micro_step, workers, self.cache_fingerprint)
+                                    acc.num_processes, micro_step, workers, self.cache_fingerprint)
         return build_train_data(cfg.data, cfg.resolution, cfg.train_batch_size, acc.process_index,
-                                acc.num_processes, cfg.seed, self.state.micro_step, workers)
+                                acc.num_processes, cfg.seed, micro_step, workers)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[bool, dict[str, float]] | None:
         """One micro-step: loss and backward; at the end of an accumulation window also clipping and the
@@ -815,6 +831,22 @@ def loss_spike_ratio(losses: list[float], window: int, min_history: int = 3) -> 
         return None
     base = statistics.median(history)
     return statistics.median(recent) / base if base > 0 else None
+
+
+def set_tf32(allow: bool, device: torch.device) -> None:
+    """`allow_tf32` on a CUDA device: TF32 for matmuls and cuDNN convolutions on (true) or off (false);
+    elsewhere nothing to set."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+
+
+def check_snr_gamma(family: Family) -> None:
+    """snr_gamma is min-SNR weighting of the DDPM families; flow-matching families refuse it."""
+    if family.prediction_type == "flow":
+        raise ConfigError(f"snr_gamma (min-SNR weighting) is for DDPM families (epsilon / v_prediction / sample), not "
+                          f"the flow-matching family '{family.name}', whose timestep density already weights "
+                          "the loss; remove snr_gamma")
 
 
 def check_trackers(report_to: str) -> None:
