@@ -20,10 +20,10 @@ def data16(tmp_path_factory):
     return write_pickapic(tmp_path_factory.mktemp("feat2") / "train.parquet", n=16)
 
 
-def _trainer(tmp_path, model, data, **overrides):
+def _trainer(tmp_path, model, data_file, **overrides):
     from diffusion_po.training.trainer import Trainer
 
-    return Trainer(load_train_config(make_config(tmp_path, model, data, **overrides)))
+    return Trainer(load_train_config(make_config(tmp_path, model, data_file, **overrides)))
 
 
 def _abar_by_hand(t: int, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> float:
@@ -205,3 +205,118 @@ def test_allow_tf32_reaches_the_flags(tmp_path, tiny_model_factory, data16, monk
     _trainer(tmp_path, tiny_model_factory("sd"), data16, allow_tf32=allow)
     assert calls == [(allow, "cpu")]
     assert torch.backends.cuda.matmul.allow_tf32 is allow and torch.backends.cudnn.allow_tf32 is allow
+
+
+# ---------------------------------------------------------------- aspect-ratio buckets
+BUCKETS = [[32, 32], [48, 32], [32, 48]]
+#: jpg_0 size (w, h) per row: 6 landscape, 4 portrait, 6 square; jpg_1 always of another size
+SIZES = [(60, 40)] * 6 + [(40, 64)] * 4 + [(40, 40)] * 6
+
+
+@pytest.fixture(scope="module")
+def mixed_sizes(tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import RGB, jpeg_bytes, pickapic_rows
+
+    rows = pickapic_rows(len(SIZES))
+    colours = list(RGB.values())
+    rows["jpg_0"] = [jpeg_bytes(colours[i % len(colours)], size=s, noise_seed=i) for i, s in enumerate(SIZES)]
+    rows["jpg_1"] = [jpeg_bytes(colours[(i + 1) % len(colours)], size=(52, 36), noise_seed=100 + i)
+                     for i in range(len(SIZES))]
+    path = tmp_path_factory.mktemp("buckets") / "train.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def _bucket_data(path, start: int = 0, **data):
+    from diffusion_po.config import DataConfig
+    from diffusion_po.data.preference import build_train_data
+
+    cfg = DataConfig(format="pickapic", data_files=[str(path)], aspect_buckets=True, buckets=BUCKETS, **data)
+    return build_train_data(cfg, 32, 2, 0, 1, seed=3, start_micro_step=start)
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_standard_buckets_and_nearest():
+    from diffusion_po.data.preference import SDXL_BUCKETS, nearest_bucket, standard_buckets
+
+    assert standard_buckets(1024) == list(SDXL_BUCKETS)
+    assert all(w % 32 == 0 and h % 32 == 0 for w, h in standard_buckets(512))
+    assert standard_buckets(512)[0] == (512, 512)
+    buckets = [tuple(b) for b in BUCKETS]
+    assert [nearest_bucket(w, h, buckets) for w, h in [(60, 40), (40, 64), (40, 40), (1000, 10)]] == [1, 2, 0, 1]
+
+
+def test_buckets_keep_pairs_together_one_bucket_a_batch(mixed_sizes):
+    data = _bucket_data(mixed_sizes)
+    assert data.batches_per_epoch == 3 + 2 + 3
+    epochs = _take(data.loader, 2 * data.batches_per_epoch)
+    for batch in epochs:
+        w, h = BUCKETS[_bucket_index(SIZES[batch["row_ids"][0]])]
+        assert {_bucket_index(SIZES[r]) for r in batch["row_ids"]} == {BUCKETS.index([w, h])}  # one bucket
+        assert batch["pixels_w"].shape[-2:] == batch["pixels_l"].shape[-2:] == (h, w)  # both images of a pair
+        assert batch["target_size"] == (h, w)
+        # SDXL micro-conditioning: jpg_0's original (h, w), whichever image won
+        assert batch["original_sizes"].tolist() == [[SIZES[r][1], SIZES[r][0]] for r in batch["row_ids"]]
+    first = sorted(r for b in epochs[: data.batches_per_epoch] for r in b["row_ids"])
+    assert first == list(range(len(SIZES)))  # every row once an epoch (no bucket has a remainder here)
+    # deterministic from the seed, and a resume at micro-step 5 continues the same sequence
+    again = _take(_bucket_data(mixed_sizes).loader, 2 * data.batches_per_epoch)
+    assert [b["row_ids"] for b in again] == [b["row_ids"] for b in epochs]
+    resumed = _take(_bucket_data(mixed_sizes, start=5).loader, 6)
+    assert [b["row_ids"] for b in resumed] == [b["row_ids"] for b in epochs[5:11]]
+    assert [b["row_ids"] for b in epochs[: data.batches_per_epoch]] != [b["row_ids"] for b in epochs[8:]]
+
+
+def _bucket_index(size):
+    from diffusion_po.data.preference import nearest_bucket
+
+    return nearest_bucket(*size, [tuple(b) for b in BUCKETS])
+
+
+def test_no_buckets_path_is_unchanged(mixed_sizes):
+    """Without buckets every image is the square resolution crop, and the batch has no target_size."""
+    from diffusion_po.config import DataConfig
+    from diffusion_po.data.preference import PairTransform, build_train_data, decode_image
+    from tests.helpers import jpeg_bytes
+
+    data = build_train_data(DataConfig(format="pickapic", data_files=[str(mixed_sizes)]), 32, 2, 0, 1, seed=3)
+    batch = next(iter(data.loader))
+    assert batch["pixels_w"].shape[-2:] == (32, 32) and "target_size" not in batch
+    image = decode_image(jpeg_bytes((10, 200, 30), size=(60, 40)))
+    import random
+
+    plain = PairTransform(32, random_crop=True)([image], random.Random(1))
+    square = PairTransform(32, random_crop=True)([image], random.Random(1), target=(32, 32))
+    assert torch.equal(plain[0], square[0]) and plain[1:] == square[1:]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_buckets_train(tmp_path, tiny_model_factory, mixed_sizes, family):
+    """DPO LoRA on mixed aspect ratios; SDXL's time ids carry the bucket as the target size."""
+    trainer = _trainer(tmp_path, tiny_model_factory(family), mixed_sizes, use_lora=True, max_train_steps=2,
+                       beta_dpo=50.0, data={"aspect_buckets": True, "buckets": BUCKETS})
+    assert any(b["target_size"] != (32, 32) for b in _take(trainer.build_data().loader, 2))  # the steps it trains
+    if family == "sdxl":
+        batch = next(b for b in trainer.build_data().loader if b["target_size"] != (32, 32))
+        time_ids = trainer.context.encode_prompts(batch["captions"], batch)["time_ids"]
+        assert time_ids[:, 4:].tolist() == [list(batch["target_size"])] * batch["size"]
+    trainer.run()
+    rows = read_metrics(tmp_path / "out")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and math.isfinite(rows[1]["loss"])
+
+
+def test_bucket_config_errors(tmp_path, tiny_model_factory, mixed_sizes):
+    model = tiny_model_factory("sd")
+    for data, match in (({"buckets": BUCKETS}, "aspect_buckets is false"),
+                        ({"aspect_buckets": True, "streaming": True}, "streaming"),
+                        ({"aspect_buckets": True, "buckets": [[32]]}, r"data.buckets\[0\]"),
+                        ({"aspect_buckets": True, "format": "prompts"}, "needs image data")):
+        with pytest.raises(ConfigError, match=match):
+            load_train_config(make_config(tmp_path, model, mixed_sizes, data=data))

@@ -156,6 +156,8 @@ class Context:
         if batch is not None and "prompt_cond" in batch and p == 0:  # precomputed embeddings (data cache)
             return cond_to(batch["prompt_cond"], self.device)
         sizes, crops = self.image_sizes(batch)
+        # the images' (h, w): an aspect bucket's, else the run's square resolution (SDXL's target size)
+        resolution = batch.get("target_size", self.config.resolution) if batch else self.config.resolution
         table = batch.get("prompt_table") if batch else None
         if table is not None:  # the data cache: embeddings of every caption of the batch, and of ""
             rows = [table["index"].get(text) for text in prompts]
@@ -163,8 +165,8 @@ class Context:
                 index = torch.tensor(rows, dtype=torch.long)
                 cond = {k: v[index.to(v.device)].to(self.device, non_blocking=True).float()
                         for k, v in table["cond"].items()}
-                return self.family.row_conditioning(cond, sizes, crops, self.config.resolution)
-        return cond_to(self.family.encode_prompts(prompts, sizes, crops, self.config.resolution), self.device)
+                return self.family.row_conditioning(cond, sizes, crops, resolution)
+        return cond_to(self.family.encode_prompts(prompts, sizes, crops, resolution), self.device)
 
     # --- predictions
     def policy_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -917,7 +919,7 @@ class DevicePrefetcher:
     """Iterate a loader with each next batch already copied to the GPU on a side stream.
     Keys in `HOST_KEYS` stay on the host (the families read image sizes there)."""
 
-    HOST_KEYS = frozenset({"original_sizes", "crop_top_lefts", "row_ids", "bad_rows"})
+    HOST_KEYS = frozenset({"original_sizes", "crop_top_lefts", "row_ids", "bad_rows", "target_size"})
 
     def __init__(self, loader: Any, device: torch.device):
         self.loader, self.device = loader, device
