@@ -134,6 +134,9 @@ def test_num_train_epochs_sets_the_steps(tmp_path, tiny_model_factory, data16):
     trainer.run()
     assert trainer.state.step == 2 and trainer.state.micro_step == 6
     assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1, 2]
+    resumed = _trainer(tmp_path, tiny_model_factory("sd"), data16, use_lora=True, train_batch_size=4,
+                       gradient_accumulation_steps=3, num_train_epochs=1, resume_from_checkpoint="latest")
+    assert resumed.resume_path is not None and "max_train_steps" not in resumed.resume_changes
     base = load_train_config(make_config(tmp_path, tiny_model_factory("sd"), data16, num_train_epochs=5))
     assert steps_for_epochs(base, 8).max_train_steps == 40
     assert steps_for_epochs(dataclasses.replace(base, num_train_epochs=None), 8).max_train_steps == 1

@@ -300,6 +300,8 @@ class Trainer:
 
         if cfg.num_train_epochs is not None:  # the steps follow from the data: count its batches once
             self.cfg = cfg = steps_for_epochs(cfg, self.build_data(count_only=True).batches_per_epoch)
+            if (self.resume_changes or {}).get("max_train_steps", [None])[0] == cfg.max_train_steps:
+                del self.resume_changes["max_train_steps"]  # compared before the steps were known: unchanged
         params = [p for p in network.parameters() if p.requires_grad]
         lr = cfg.learning_rate
         if cfg.scale_lr:
