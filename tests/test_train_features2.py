@@ -323,3 +323,14 @@ def test_bucket_config_errors(tmp_path, tiny_model_factory, mixed_sizes):
                         ({"aspect_buckets": True, "format": "prompts"}, "needs image data")):
         with pytest.raises(ConfigError, match=match):
             load_train_config(make_config(tmp_path, model, mixed_sizes, data=data))
+
+
+def test_data_cache_refuses_buckets(tmp_path, tiny_model_factory, mixed_sizes):
+    from diffusion_po.data.cache import write_cache
+    from diffusion_po.errors import UserError
+
+    cfg = load_train_config(make_config(tmp_path, tiny_model_factory("sd"), mixed_sizes,
+                                        data={"aspect_buckets": True, "cache_dir": str(tmp_path / "cache")}))
+    with pytest.raises(UserError, match="aspect_buckets"):
+        write_cache(cfg, dtype="fp32", progress=False)
+    assert not (tmp_path / "cache").exists()

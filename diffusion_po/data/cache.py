@@ -219,6 +219,9 @@ def write_cache(
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
+    if cfg.data.aspect_buckets:
+        raise UserError("data.aspect_buckets: the data cache holds square `resolution` crops only; set "
+                        "data.aspect_buckets: false to cache, or train with buckets from the image files")
     data = _source_data_config(cfg.data, source_format)
     root = output or cfg.data.cache_dir
     if not root:
