@@ -10,6 +10,7 @@ the method's own `Options` dataclass; the diffusers scripts' top-level spellings
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class DataConfig:
     random_flip: bool = True
     image_root: str | None = None
     """Folder that relative image paths in `pairs`/`images` files are resolved against (default: the file's folder)."""
+    aspect_buckets: bool = False
+    """Aspect-ratio buckets (SDXL/FLUX-style): each pair goes to the bucket nearest jpg_0's aspect ratio, both
+    images are resized and cropped to it, and every batch holds one bucket only; off: square `resolution` crops."""
+    buckets: list[list[int]] = field(default_factory=list)
+    """The buckets as [width, height] pairs; empty = SDXL's standard buckets scaled to `resolution`."""
     cache_dir: str | None = None
     """Root folder of encoded-data caches (`diffusion-po data cache` writes `<cache_dir>/<model key>/<resolution>/`;
     `format: cache` trains from the one made for this run's model and resolution)."""
@@ -86,6 +92,9 @@ class TrainConfig:
     count (a ConfigError if that does not divide), so a recipe keeps its batch on any number of GPUs; with
     `scale_lr` the learning rate is then learning_rate x total_batch_size on any number of GPUs."""
     max_train_steps: int = 2000
+    num_train_epochs: int | None = None
+    """Train this many passes over the data instead of `max_train_steps` (the steps follow from the usable
+    rows and the effective batch, as in the diffusers examples); not with streaming data (no row count)."""
     learning_rate: float = 1e-8
     scale_lr: bool = False
     """Multiply learning_rate by train_batch_size x gradient_accumulation_steps x processes (Diffusion-DPO repo)."""
@@ -109,12 +118,21 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
     allow_tf32: bool = True
+    """CUDA: TF32 matmuls and convolutions (torch.backends.cuda.matmul / cudnn .allow_tf32); false sets them off."""
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`, 5.0 recommended): each sample's
+    error is weighted by min(SNR, gamma)/SNR (epsilon), /(SNR + 1) (v_prediction) or min(SNR, gamma) (sample),
+    the same weight on policy and reference errors. DDPM families only; None = unweighted."""
+    noise_offset: float = 0.0
+    """Add noise_offset x a per-channel normal to the training noise (diffusers' `--noise_offset`; 0.1 common)."""
 
     use_lora: bool = False
     rank: int = 8
     lora_alpha: float | None = None
     """Defaults to `rank` (scale 1), as in the diffusers examples."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA, peft's `LoraConfig(use_dora=True)`); needs use_lora."""
 
     use_ema: bool = False
     ema_decay: float = 0.9999
@@ -382,8 +400,48 @@ def validate(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: key 'report_to' must be tensorboard, wandb, all or none")
     if cfg.total_batch_size is not None and cfg.total_batch_size <= 0:
         raise ConfigError(f"{source}: key 'total_batch_size' must be positive, got {cfg.total_batch_size}")
+    if cfg.num_train_epochs is not None and cfg.num_train_epochs <= 0:
+        raise ConfigError(f"{source}: key 'num_train_epochs' must be positive, got {cfg.num_train_epochs}")
+    if cfg.num_train_epochs is not None and cfg.data.streaming:
+        raise ConfigError(f"{source}: key 'num_train_epochs' needs the data's row count, which streaming data "
+                          "does not have; set max_train_steps instead, or data.streaming: false")
+    if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
+        raise ConfigError(f"{source}: key 'snr_gamma' must be positive (5.0 is usual), or null for no weighting")
+    if cfg.noise_offset < 0:
+        raise ConfigError(f"{source}: key 'noise_offset' must be >= 0, got {cfg.noise_offset}")
+    if cfg.use_dora and not cfg.use_lora:
+        raise ConfigError(f"{source}: key 'use_dora' trains a DoRA adapter and needs use_lora: true")
+    _check_buckets(cfg.data, source)
     _check_lr_scheduler(cfg.lr_scheduler, source)
     resolve_method_options(cfg, source)
+    _check_shared_error_path(cfg, source)
+
+
+def _check_buckets(data: DataConfig, source: str) -> None:
+    """`data.buckets` are [width, height] pairs of positive sizes, and only with `data.aspect_buckets`."""
+    if data.buckets and not data.aspect_buckets:
+        raise ConfigError(f"{source}: key 'data.buckets' is set but data.aspect_buckets is false; turn it on or drop it")
+    for i, bucket in enumerate(data.buckets):
+        if len(bucket) != 2 or min(bucket) <= 0:
+            raise ConfigError(f"{source}: key 'data.buckets[{i}]' is {bucket!r}; give [width, height] in pixels")
+    if data.aspect_buckets and data.format not in ("pickapic", "dcpo", "pairs", "images"):
+        raise ConfigError(f"{source}: data.aspect_buckets needs image data (data.format pickapic, dcpo, pairs or "
+                          f"images), not '{data.format}'")
+    if data.aspect_buckets and data.streaming:
+        raise ConfigError(f"{source}: data.aspect_buckets groups all rows by aspect ratio first; it does not work "
+                          "with data.streaming: true")
+
+
+def _check_shared_error_path(cfg: TrainConfig, source: str) -> None:
+    """snr_gamma and noise_offset act where the shared error path draws noise and weighs errors
+    (paired_errors / image_errors); a method that does its own refuses them."""
+    from diffusion_po.objectives import get_method_class
+
+    method_cls = get_method_class(cfg.method)
+    given = [k for k, on in (("snr_gamma", cfg.snr_gamma is not None), ("noise_offset", cfg.noise_offset > 0)) if on]
+    if given and not method_cls.shared_error_path:
+        raise ConfigError(f"{source}: key '{given[0]}' is not supported by method '{cfg.method}' (it draws its own "
+                          "noise and errors, not through the shared paired/image error path); remove the key")
 
 
 def resolve_method_options(cfg: TrainConfig, source: str) -> None:
@@ -444,6 +502,15 @@ def resolve_total_batch(cfg: TrainConfig, num_processes: int) -> TrainConfig:
             f"process(es)); drop gradient_accumulation_steps: {cfg.gradient_accumulation_steps} or total_batch_size"
         )
     return dataclasses.replace(cfg, gradient_accumulation_steps=steps)
+
+
+def steps_for_epochs(cfg: TrainConfig, batches_per_epoch: int) -> TrainConfig:
+    """`cfg` with max_train_steps = num_train_epochs passes of `batches_per_epoch` global micro-batches,
+    rounded up to whole optimizer steps (unchanged when num_train_epochs is not set)."""
+    if cfg.num_train_epochs is None:
+        return cfg
+    steps = math.ceil(cfg.num_train_epochs * batches_per_epoch / cfg.gradient_accumulation_steps)
+    return dataclasses.replace(cfg, max_train_steps=steps)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

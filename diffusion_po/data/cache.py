@@ -219,6 +219,9 @@ def write_cache(
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
+    if cfg.data.aspect_buckets:
+        raise UserError("data.aspect_buckets: the data cache holds square `resolution` crops only; set "
+                        "data.aspect_buckets: false to cache, or train with buckets from the image files")
     data = _source_data_config(cfg.data, source_format)
     root = output or cfg.data.cache_dir
     if not root:
@@ -613,7 +616,8 @@ def build_cache_data(
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    return TrainData(loader, f"cache {reader.folder} ({meta.source})", len(positions), dropped)
+    return TrainData(loader, f"cache {reader.folder} ({meta.source})", len(positions), dropped,
+                     sampler.batches_per_epoch)
 
 
 __all__ = [

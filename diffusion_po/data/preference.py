@@ -260,24 +260,25 @@ class PairTransform:
         self.random_flip = random_flip
 
     def __call__(self, images: list[Image.Image], rng: random.Random, size_from: int = 0,
-                 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+                 target: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """Returns (stacked pixels in [-1, 1], original (h, w) and crop (top, left) of `images[size_from]`
-        (SDXL's micro-conditioning: jpg_0's, as the references)."""
-        res = self.resolution
+        (SDXL's micro-conditioning: jpg_0's, as the references). `target`: (width, height) of an aspect
+        bucket (each image is scaled to cover it, then cropped); None: resolution x resolution."""
+        tw, th = target or (self.resolution, self.resolution)
         crops: dict[tuple[int, int], tuple[int, int]] = {}  # resized (w, h) -> crop (top, left)
         out, reported = [], (0, 0)
         for k, im in enumerate(images):
-            scale = res / min(im.size)
-            new_w, new_h = max(res, round(im.width * scale)), max(res, round(im.height * scale))
+            scale = max(tw / im.width, th / im.height)  # square: resolution / the shorter side
+            new_w, new_h = max(tw, round(im.width * scale)), max(th, round(im.height * scale))
             if (new_w, new_h) not in crops:
                 if self.random_crop:
-                    crops[new_w, new_h] = rng.randint(0, new_h - res), rng.randint(0, new_w - res)
+                    crops[new_w, new_h] = rng.randint(0, new_h - th), rng.randint(0, new_w - tw)
                 else:
-                    crops[new_w, new_h] = (new_h - res) // 2, (new_w - res) // 2
+                    crops[new_w, new_h] = (new_h - th) // 2, (new_w - tw) // 2
             top, left = crops[new_w, new_h]
             if k == size_from:
                 reported = (top, left)
-            out.append(im.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + res, top + res)))
+            out.append(im.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + tw, top + th)))
         if self.random_flip and rng.random() < 0.5:
             out = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in out]
         arrays = [torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1) for im in out]
@@ -298,9 +299,14 @@ class RowDecoder:
         files = _expand_files(cfg.data_files) if cfg.data_files else []
         self.locate = RowLocator(files, checked_row_counts(files))
 
-    def __call__(self, row: dict[str, Any], row_id: Any, epoch: int) -> dict[str, Any] | BadRow:
+    def __call__(self, row: dict[str, Any], row_id: Any, epoch: int,
+                 target: tuple[int, int] | None = None) -> dict[str, Any] | BadRow:
+        """`target`: the (width, height) of the row's aspect bucket (the example then carries `target_size`)."""
         try:
-            return self._decode(row, row_id, epoch)
+            example = self._decode(row, row_id, epoch, target)
+            if target is not None and isinstance(example, dict):
+                example["target_size"] = (target[1], target[0])
+            return example
         except Exception as exc:  # a bad row must not kill a long run: it is reported instead
             return BadRow(row_id, f"{type(exc).__name__}: {exc}", self.locate(row_id))
 
@@ -310,13 +316,15 @@ class RowDecoder:
             raise ValueError(f"missing caption (column {' or '.join(names)})")
         return text
 
-    def _decode(self, row: dict[str, Any], row_id: Any, epoch: int) -> dict[str, Any] | BadRow:
+    def _decode(self, row: dict[str, Any], row_id: Any, epoch: int,
+                target: tuple[int, int] | None = None) -> dict[str, Any] | BadRow:
         rng = random.Random(f"{self.seed}-{epoch}-{row_id}")
         fmt = self.fmt
         if fmt == "prompts":
             return {"caption": self._caption(row, ["caption", "prompt", "text"]), "row_id": row_id}
         if fmt == "images":
-            pixels, orig, crop = self.transform([decode_image(_first(row, ["image", "jpg"]), self.root)], rng)
+            pixels, orig, crop = self.transform([decode_image(_first(row, ["image", "jpg"]), self.root)], rng,
+                                                target=target)
             example = {"pixels": pixels[0], "caption": self._caption(row, ["caption", "prompt"]), "row_id": row_id,
                        "original_size": orig, "crop_top_left": crop}
             if self.cfg.label_column in row and row[self.cfg.label_column] is not None:
@@ -344,7 +352,7 @@ class RowDecoder:
         if self.cfg.reverse_labels:
             images, captions, first = images[::-1], captions[::-1], 1 - first
         decoded = [decode_image(im, self.root) for im in images]
-        pixels, orig, crop = self.transform(decoded, rng, size_from=first)
+        pixels, orig, crop = self.transform(decoded, rng, size_from=first, target=target)
         example = {"pixels_w": pixels[0], "pixels_l": pixels[1], "caption": caption, "row_id": row_id,
                    "original_size": orig, "crop_top_left": crop}
         if fmt == "dcpo":
@@ -372,6 +380,8 @@ def collate(examples: list[dict[str, Any] | BadRow]) -> dict[str, Any]:
             batch[key.replace("caption", "captions")] = [e[key] for e in good]
     if "label" in good[0]:
         batch["labels"] = torch.tensor([e.get("label", 1.0) for e in good])
+    if "target_size" in good[0]:  # aspect buckets: one bucket per batch
+        batch["target_size"] = good[0]["target_size"]
     if "original_size" in good[0]:
         batch["original_sizes"] = torch.tensor([e["original_size"] for e in good])
         batch["crop_top_lefts"] = torch.tensor([e["crop_top_left"] for e in good])
@@ -380,8 +390,10 @@ def collate(examples: list[dict[str, Any] | BadRow]) -> dict[str, Any]:
 
 
 class _MapRows(torch.utils.data.Dataset):
-    def __init__(self, rows, ids: list[int], decoder: RowDecoder):
-        self.rows, self.ids, self.decoder = rows, ids, decoder
+    """Rows by (epoch, position); `targets`: each position's aspect-bucket (width, height), or None."""
+
+    def __init__(self, rows, ids: list[int], decoder: RowDecoder, targets: list[tuple[int, int]] | None = None):
+        self.rows, self.ids, self.decoder, self.targets = rows, ids, decoder, targets
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -389,6 +401,8 @@ class _MapRows(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
+        if self.targets is not None:
+            return self.decoder(self.rows[self.ids[i]], self.ids[i], epoch, self.targets[i])
         return self.decoder(self.rows[self.ids[i]], self.ids[i], epoch)
 
 
@@ -412,6 +426,99 @@ class _GlobalBatchSampler(torch.utils.data.Sampler):
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch))
             lo = b * self.global_batch + self.rank * self.per_device
             yield [(epoch, int(i)) for i in perm[lo : lo + self.per_device]]
+            step += 1
+
+
+#: SDXL's standard training buckets at 1024 pixels, (width, height) (the SDXL report's multi-aspect training)
+SDXL_BUCKETS = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+                (1536, 640), (640, 1536))
+#: the image column whose aspect ratio picks a row's bucket (jpg_0: the image SDXL's time ids describe)
+BUCKET_COLUMNS = {"pickapic": ["jpg_0"], "dcpo": ["jpg_0"], "pairs": ["chosen"], "images": ["image", "jpg"]}
+
+
+def standard_buckets(resolution: int) -> list[tuple[int, int]]:
+    """SDXL_BUCKETS scaled to `resolution`, each side a multiple of max(8, resolution / 16)."""
+    step = max(8, resolution // 16)
+    out: list[tuple[int, int]] = []
+    for w, h in SDXL_BUCKETS:
+        size = (max(step, round(w * resolution / 1024 / step) * step), max(step, round(h * resolution / 1024 / step) * step))
+        if size not in out:
+            out.append(size)
+    return out
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> int:
+    """The index of the bucket whose aspect ratio is nearest (in log ratio) to width / height."""
+    ratio = math.log(width / height)
+    return min(range(len(buckets)), key=lambda k: abs(math.log(buckets[k][0] / buckets[k][1]) - ratio))
+
+
+def _image_size(value: Any, root: Path | None) -> tuple[int, int]:
+    """(width, height) of an image value (bytes, datasets dict, path, PIL) from its header only."""
+    if isinstance(value, Image.Image):
+        return value.size
+    if isinstance(value, dict):
+        return _image_size(value.get("bytes") or value.get("path"), root)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        with Image.open(io.BytesIO(bytes(value))) as im:
+            return im.size
+    path = Path(value)
+    with Image.open(path if path.is_absolute() or root is None else root / path) as im:
+        return im.size
+
+
+def row_buckets(rows, ids: list[int], fmt: str, buckets: list[tuple[int, int]], root: Path | None) -> list[int]:
+    """Each kept row's bucket index, from its first image's size (read once, headers only). A row whose image
+    does not open goes to bucket 0; decoding reports it as a bad row."""
+    names = [c for c in BUCKET_COLUMNS[fmt] if c in rows.column_names]
+    column = rows.select_columns(names[:1])
+    out = []
+    for i in ids:
+        try:
+            out.append(nearest_bucket(*_image_size(column[i][names[0]], root), buckets))
+        except Exception:
+            out.append(0)
+    return out
+
+
+class _BucketBatchSampler(torch.utils.data.Sampler):
+    """Aspect buckets: this process's slice of each global micro-batch, every batch from one bucket, from
+    micro-step `start` on, forever. An epoch shuffles each bucket's rows, cuts them into global batches
+    (a bucket's remainder waits for the next epoch) and shuffles the batches, all from the seed; the
+    position is the micro-step alone, so a resume continues exactly."""
+
+    def __init__(self, bucket_of: list[int], per_device: int, rank: int, world: int, seed: int, start: int = 0):
+        self.per_device, self.rank, self.world, self.seed, self.start = per_device, rank, world, seed, start
+        self.global_batch = per_device * world
+        self.members: dict[int, list[int]] = {}
+        for position, bucket in enumerate(bucket_of):
+            self.members.setdefault(bucket, []).append(position)
+        self.batches_per_epoch = sum(len(m) // self.global_batch for m in self.members.values())
+        if self.batches_per_epoch == 0:
+            raise DataError(f"no aspect bucket holds one global batch ({per_device} per device x {world} processes; "
+                            f"rows per bucket: {sorted(len(m) for m in self.members.values())}); lower "
+                            "train_batch_size, use fewer buckets (data.buckets) or add data")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches (positions) of one epoch, in order."""
+        gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        batches = []
+        for bucket in sorted(self.members):
+            members = self.members[bucket]
+            perm = torch.randperm(len(members), generator=gen).tolist()
+            for lo in range(0, len(members) - self.global_batch + 1, self.global_batch):
+                batches.append([members[j] for j in perm[lo : lo + self.global_batch]])
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        return [batches[k] for k in order]
+
+    def __iter__(self):
+        step, cached = self.start, (None, [])
+        while True:
+            epoch, b = divmod(step, self.batches_per_epoch)
+            if cached[0] != epoch:
+                cached = (epoch, self.epoch_batches(epoch))
+            lo = self.rank * self.per_device
+            yield [(epoch, i) for i in cached[1][b][lo : lo + self.per_device]]
             step += 1
 
 
@@ -454,6 +561,8 @@ class TrainData:
     source: str
     num_rows: int | None
     dropped_ties: int = 0
+    batches_per_epoch: int | None = None
+    """Global micro-batches in one pass over the data (None when streaming)."""
 
 
 def build_train_data(
@@ -482,11 +591,17 @@ def build_train_data(
         raise DataError(
             f"{source}: no usable rows ({dropped} ties dropped); check data.format and data.drop_ties"
         )
-    dataset = _MapRows(rows, ids, decoder)
-    sampler = _GlobalBatchSampler(len(ids), per_device, rank, world, seed, start_micro_step)
+    if cfg.aspect_buckets:
+        buckets = [tuple(b) for b in cfg.buckets] or standard_buckets(resolution)
+        bucket_of = row_buckets(rows, ids, cfg.format, buckets, root)
+        dataset = _MapRows(rows, ids, decoder, [buckets[k] for k in bucket_of])
+        sampler = _BucketBatchSampler(bucket_of, per_device, rank, world, seed, start_micro_step)
+    else:
+        dataset = _MapRows(rows, ids, decoder)
+        sampler = _GlobalBatchSampler(len(ids), per_device, rank, world, seed, start_micro_step)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    return TrainData(loader, source, len(ids), dropped)
+    return TrainData(loader, source, len(ids), dropped, sampler.batches_per_epoch)

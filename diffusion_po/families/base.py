@@ -240,6 +240,22 @@ class Family:
         shape = (-1,) + (1,) * (like.dim() - 1)
         return a.view(shape), s.view(shape)
 
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma weights of the per-sample errors at timesteps `t` (Hang et al. 2023; diffusers'
+        `compute_snr` and `--snr_gamma`), SNR = alpha_t^2 / sigma_t^2: min(SNR, gamma) / SNR for epsilon
+        targets (1 where SNR is 0, its limit), min(SNR, gamma) / (SNR + 1) for v_prediction, min(SNR, gamma)
+        for sample. 1-D fp32 on t's device. Flow matching has no such weighting here (a ValueError)."""
+        a, s = self.alpha_sigma(t)
+        snr = (a / s) ** 2
+        clipped = torch.clamp(snr, max=gamma)
+        if self.prediction_type == "epsilon":
+            return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        if self.prediction_type == "sample":
+            return clipped
+        raise ValueError(f"min-SNR weighting is not defined for prediction_type '{self.prediction_type}'")
+
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 

@@ -43,6 +43,12 @@ class TrainContext(Protocol):
     def timesteps(self, n: int) -> torch.Tensor:
         """Training timesteps (family's density), this process's slice, on `device`."""
 
+    def training_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The noise x_t is made with (`randn`, plus `noise_offset` x a normal per sample and channel when set)."""
+
+    def error_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights of the errors at timesteps `t` (min-SNR-gamma with `snr_gamma`), or None: unweighted."""
+
     def latents(self, batch: Batch, key: str) -> torch.Tensor:
         """Scaled latents of batch images `key` ('w', 'l' or '' for unpaired): VAE-encoded pixels or cached."""
 
@@ -91,6 +97,9 @@ class Method:
     name: ClassVar[str] = ""
     data_formats: ClassVar[tuple[str, ...]] = ("pickapic", "pairs")
     needs_reference: ClassVar[bool] = True
+    shared_error_path: ClassVar[bool] = True
+    """The method's errors come from `paired_errors` / `image_errors` (where `noise_offset` and `snr_gamma`
+    act); False makes the config refuse those keys."""
 
     @dataclasses.dataclass
     class Options:

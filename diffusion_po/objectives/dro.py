@@ -66,6 +66,7 @@ class DiffusionDRO(Method):
 
     name = "dro"
     data_formats = ("images",)
+    shared_error_path = False  # its errors mix expert targets and buffered trajectories
 
     @dataclasses.dataclass
     class Options:

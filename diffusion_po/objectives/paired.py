@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_po.families import cat_cond, per_sample_error
+from diffusion_po.families import cat_cond
 from diffusion_po.objectives.base import Batch, TrainContext
+from diffusion_po.objectives.unpaired import denoising_errors
 
 
 def paired_errors(
@@ -18,14 +19,15 @@ def paired_errors(
 ) -> dict[str, torch.Tensor]:
     """Per-sample errors (fp32) of policy and reference on winner and loser.
 
-    Winner and loser get the same t and the same noise. By default both are conditioned on the
+    Winner and loser get the same t and the same noise (`ctx.training_noise`); the errors come from the shared
+    `denoising_errors` (with `snr_gamma`, weighted alike for policy and reference). By default both are conditioned on the
     pair's prompt; DCPO passes each image's own caption. Returns err_w, err_l (with grad) and,
     with a reference, ref_err_w, ref_err_l.
     """
     x_w = ctx.latents(batch, "w")
     x_l = ctx.latents(batch, "l")
     n = x_w.shape[0]
-    noise = ctx.randn(tuple(x_w.shape)).repeat(2, 1, 1, 1)
+    noise = ctx.training_noise(tuple(x_w.shape)).repeat(2, 1, 1, 1)
     t = ctx.timesteps(n).repeat(2)
     x0 = torch.cat([x_w, x_l])
     if captions_w is None and captions_l is None:
@@ -33,12 +35,8 @@ def paired_errors(
         cond = cat_cond([cond, cond])
     else:
         cond = cat_cond([ctx.encode_prompts(captions_w, batch), ctx.encode_prompts(captions_l, batch)])
-    family = ctx.family
-    x_t = family.noisy_latents(x0, noise, t)
-    target = family.training_target(x0, noise, t)
-    err = per_sample_error(ctx.policy_predict(x_t, t, cond), target)
-    out = {"err_w": err[:n], "err_l": err[n:]}
+    e = denoising_errors(ctx, x0, noise, t, cond, with_reference)
+    out = {"err_w": e["err"][:n], "err_l": e["err"][n:]}
     if with_reference:
-        ref = per_sample_error(ctx.reference_predict(x_t, t, cond), target)
-        out.update(ref_err_w=ref[:n], ref_err_l=ref[n:])
+        out.update(ref_err_w=e["ref_err"][:n], ref_err_l=e["ref_err"][n:])
     return out

@@ -92,6 +92,7 @@ class SelfNPO(Method):
     name = "self_npo"
     data_formats = ("prompts", "images")
     needs_reference = False
+    shared_error_path = False  # a distance to a teacher rollout's x0, not a denoising error
 
     @dataclasses.dataclass
     class Options:

@@ -27,6 +27,7 @@ from diffusion_po.config import (
     default_num_workers,
     resolve_total_batch,
     save_config,
+    steps_for_epochs,
     to_dict,
     weight_dtype_of,
 )
@@ -114,6 +115,17 @@ class Context:
         full = self.family.sample_timesteps(self._global_n(n), self.generator)
         return self._slice(full, n).to(self.device)
 
+    def training_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        noise = self.randn(shape)
+        offset = self.config.noise_offset
+        if offset > 0:  # as the diffusers examples: offset x a normal per sample and channel, drawn after the noise
+            noise = noise + offset * self.randn((shape[0], shape[1], *([1] * (len(shape) - 2))))
+        return noise
+
+    def error_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        gamma = self.config.snr_gamma
+        return None if gamma is None else self.family.min_snr_weights(t, gamma).to(self.device)
+
     # --- inputs
     IMAGE_KEYS = ("latents", "latent_mean", "pixels")
     """The forms images `key` take in a batch: `latents_KEY`, `latent_mean_KEY` (+ `latent_std_KEY`), `pixels_KEY`."""
@@ -154,6 +166,8 @@ class Context:
         if batch is not None and "prompt_cond" in batch and p == 0:  # precomputed embeddings (data cache)
             return cond_to(batch["prompt_cond"], self.device)
         sizes, crops = self.image_sizes(batch)
+        # the images' (h, w): an aspect bucket's, else the run's square resolution (SDXL's target size)
+        resolution = batch.get("target_size", self.config.resolution) if batch else self.config.resolution
         table = batch.get("prompt_table") if batch else None
         if table is not None:  # the data cache: embeddings of every caption of the batch, and of ""
             rows = [table["index"].get(text) for text in prompts]
@@ -161,8 +175,8 @@ class Context:
                 index = torch.tensor(rows, dtype=torch.long)
                 cond = {k: v[index.to(v.device)].to(self.device, non_blocking=True).float()
                         for k, v in table["cond"].items()}
-                return self.family.row_conditioning(cond, sizes, crops, self.config.resolution)
-        return cond_to(self.family.encode_prompts(prompts, sizes, crops, self.config.resolution), self.device)
+                return self.family.row_conditioning(cond, sizes, crops, resolution)
+        return cond_to(self.family.encode_prompts(prompts, sizes, crops, resolution), self.device)
 
     # --- predictions
     def policy_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -241,14 +255,14 @@ class Trainer:
             )
         self.method: Method = method_cls(cfg)
         self.weight_dtype = weight_dtype_of(cfg.mixed_precision)
-        if torch.cuda.is_available() and cfg.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        set_tf32(cfg.allow_tf32, self.accelerator.device)
 
         if family is None:
             family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
                                  cfg.revision, cfg.variant, max_sequence_length=cfg.max_sequence_length)
         self.family = family
+        if cfg.snr_gamma is not None:
+            check_snr_gamma(family)
         self.cache_fingerprint: str | None = None
         if cfg.data.format == "cache":  # the encoders' identity, taken before they are cast to bf16/fp16
             from diffusion_po.data.cache import fingerprint
@@ -272,7 +286,7 @@ class Trainer:
                 torch.nn.Module.to(network, self.weight_dtype)  # frozen base in bf16/fp16, as the diffusers examples
             network.add_adapter(LoraConfig(
                 r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, init_lora_weights="gaussian",
-                target_modules=cfg.lora_target_modules,
+                target_modules=cfg.lora_target_modules, use_dora=cfg.use_dora,
             ))
             for p in network.parameters():
                 if p.requires_grad:
@@ -295,6 +309,10 @@ class Trainer:
         if self.reference is not None:
             speed_up(self.reference, cfg, self.family, self.accelerator.device, self.channels_last)
 
+        if cfg.num_train_epochs is not None:  # the steps follow from the data: count its batches once
+            self.cfg = cfg = steps_for_epochs(cfg, self.build_data(count_only=True).batches_per_epoch)
+            if (self.resume_changes or {}).get("max_train_steps", [None])[0] == cfg.max_train_steps:
+                del self.resume_changes["max_train_steps"]  # compared before the steps were known: unchanged
         params = [p for p in network.parameters() if p.requires_grad]
         lr = cfg.learning_rate
         if cfg.scale_lr:
@@ -570,17 +588,19 @@ class Trainer:
         acc.end_training()
         return self.output_dir
 
-    def build_data(self):
-        """This process's loader from the run's micro-step on: image files, or the data cache."""
+    def build_data(self, count_only: bool = False):
+        """This process's loader from the run's micro-step on: image files, or the data cache.
+        `count_only`: for its row and batch counts (no loader workers, position 0)."""
         cfg, acc = self.cfg, self.accelerator
-        workers = default_num_workers(cfg, acc.device.type, acc.num_processes)
+        workers = 0 if count_only else default_num_workers(cfg, acc.device.type, acc.num_processes)
+        micro_step = 0 if count_only else self.state.micro_step
         if cfg.data.format == "cache":
             from diffusion_po.data.cache import build_cache_data
 
             return build_cache_data(cfg, self.family, self.method_formats, cfg.train_batch_size, acc.process_index,
-                                    acc.num_processes, self.state.micro_step, workers, self.cache_fingerprint)
+                                    acc.num_processes, micro_step, workers, self.cache_fingerprint)
         return build_train_data(cfg.data, cfg.resolution, cfg.train_batch_size, acc.process_index,
-                                acc.num_processes, cfg.seed, self.state.micro_step, workers)
+                                acc.num_processes, cfg.seed, micro_step, workers)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[bool, dict[str, float]] | None:
         """One micro-step: loss and backward; at the end of an accumulation window also clipping and the
@@ -831,6 +851,22 @@ def loss_spike_ratio(losses: list[float], window: int, min_history: int = 3) -> 
     return statistics.median(recent) / base if base > 0 else None
 
 
+def set_tf32(allow: bool, device: torch.device) -> None:
+    """`allow_tf32` on a CUDA device: TF32 for matmuls and cuDNN convolutions on (true) or off (false);
+    elsewhere nothing to set."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+
+
+def check_snr_gamma(family: Family) -> None:
+    """snr_gamma is min-SNR weighting of the DDPM families; flow-matching families refuse it."""
+    if family.prediction_type == "flow":
+        raise ConfigError(f"snr_gamma (min-SNR weighting) is for DDPM families (epsilon / v_prediction / sample), not "
+                          f"the flow-matching family '{family.name}', whose timestep density already weights "
+                          "the loss; remove snr_gamma")
+
+
 def check_trackers(report_to: str) -> None:
     """`report_to` names trackers that are installed (accelerate would drop a missing one silently)."""
     wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(report_to, [])
@@ -899,7 +935,7 @@ class DevicePrefetcher:
     """Iterate a loader with each next batch already copied to the GPU on a side stream.
     Keys in `HOST_KEYS` stay on the host (the families read image sizes there)."""
 
-    HOST_KEYS = frozenset({"original_sizes", "crop_top_lefts", "row_ids", "bad_rows"})
+    HOST_KEYS = frozenset({"original_sizes", "crop_top_lefts", "row_ids", "bad_rows", "target_size"})
 
     def __init__(self, loader: Any, device: torch.device):
         self.loader, self.device = loader, device
