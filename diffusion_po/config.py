@@ -75,6 +75,11 @@ class TrainConfig:
     max_sequence_length: int | None = None
     """T5 prompt length (tokens) of families with a T5 encoder (SD3), the same for training and sampling;
     None = the stock pipeline's default (256)."""
+    family_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the model's family (`Family.option_types`), e.g. `weighting: logit_normal|none` (SD3, SD3.5,
+    FLUX.1, Z-Image: the training timestep density), `guidance_scale: 3.5` (FLUX.1-dev's embedded guidance);
+    `max_sequence_length` may be written here or at the top level. Checked when the model loads (a key the
+    family does not have is an error naming it and the family)."""
 
     train_batch_size: int = 1
     """Pairs (or examples) per device per micro-step."""
@@ -286,7 +291,23 @@ def validate(cfg: TrainConfig, source: str) -> None:
     if cfg.total_batch_size is not None and cfg.total_batch_size <= 0:
         raise ConfigError(f"{source}: key 'total_batch_size' must be positive, got {cfg.total_batch_size}")
     _check_lr_scheduler(cfg.lr_scheduler, source)
+    try:
+        family_options_of(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     resolve_method_options(cfg, source)
+
+
+def family_options_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The options of the run's Family (`load_family(..., options=)`): `family_options` with the top-level
+    `max_sequence_length`; a ConfigError when both set it to different values."""
+    options = dict(cfg.family_options)
+    if cfg.max_sequence_length is not None:
+        given = options.setdefault("max_sequence_length", cfg.max_sequence_length)
+        if given != cfg.max_sequence_length:
+            raise ConfigError(f"key 'max_sequence_length' is set twice, {cfg.max_sequence_length!r} at the top level "
+                              f"and {given!r} under family_options; keep one")
+    return options
 
 
 def resolve_method_options(cfg: TrainConfig, source: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from diffusion_po.config import (
     TrainConfig,
     default_num_workers,
+    family_options_of,
     resolve_total_batch,
     save_config,
     to_dict,
@@ -237,7 +238,7 @@ class Trainer:
 
         if family is None:
             family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
-                                 cfg.revision, cfg.variant, max_sequence_length=cfg.max_sequence_length)
+                                 cfg.revision, cfg.variant, options=family_options_of(cfg))
         self.family = family
         self.cache_fingerprint: str | None = None
         if cfg.data.format == "cache":  # the encoders' identity, taken before they are cast to bf16/fp16
