@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from diffusion_po.errors import ConfigError
+from diffusion_po.typed import from_dict, to_dict  # noqa: F401  (re-exported: config.from_dict, config.to_dict)
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +81,11 @@ class TrainConfig:
     max_sequence_length: int | None = None
     """T5 prompt length (tokens) of families with a T5 encoder (SD3), the same for training and sampling;
     None = the stock pipeline's default (256)."""
+    family_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the model's family (`Family.option_types`), e.g. `weighting: logit_normal|none` (SD3, SD3.5,
+    FLUX.1, Z-Image: the training timestep density), `guidance_scale: 3.5` (FLUX.1-dev's embedded guidance);
+    `max_sequence_length` may be written here or at the top level. Checked when the model loads (a key the
+    family does not have is an error naming it and the family)."""
 
     train_batch_size: int = 1
     """Pairs (or examples) per device per micro-step."""
@@ -216,102 +220,6 @@ class TrainConfig:
         return out
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            f"{source}: key '{key}' has {value!r}, expected {_type_name(tp)}"
-        )
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value is False and "no" in choices:  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
-            value = "no"
-        if value not in choices:
-            raise ConfigError(f"{source}: key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: key '{key}' must be a list, got {type(value).__name__}")
-        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: key '{key}' must be a mapping, got {type(value).__name__}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: section '{key}' must be a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, source, prefix=f"{key}.")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: key '{key}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{source}: key '{key}': unsupported type {_type_name(tp)}")
-
-
-def from_dict(cls: type, data: dict[str, Any], source: str = "<config>", prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, naming the key and `source` on any unknown key or wrong type.
-    A class with a `prepare_keys(data, source)` classmethod rewrites the mapping first (key aliases)."""
-    prepare = getattr(cls, "prepare_keys", None)
-    if prepare is not None:
-        data = prepare(data, source)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        import difflib
-
-        key = unknown[0]
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-        raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", source) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` or `section.key=value`; the value is read as YAML (1e-5, true, [a, b], null)."""
     if "=" not in text:
@@ -413,6 +321,10 @@ def validate(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: key 'use_dora' trains a DoRA adapter and needs use_lora: true")
     _check_buckets(cfg.data, source)
     _check_lr_scheduler(cfg.lr_scheduler, source)
+    try:
+        family_options_of(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     resolve_method_options(cfg, source)
     _check_shared_error_path(cfg, source)
 
@@ -444,10 +356,22 @@ def _check_shared_error_path(cfg: TrainConfig, source: str) -> None:
                           "noise and errors, not through the shared paired/image error path); remove the key")
 
 
+def family_options_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The options of the run's Family (`load_family(..., options=)`): `family_options` with the top-level
+    `max_sequence_length`; a ConfigError when both set it to different values."""
+    options = dict(cfg.family_options)
+    if cfg.max_sequence_length is not None:
+        given = options.setdefault("max_sequence_length", cfg.max_sequence_length)
+        if given != cfg.max_sequence_length:
+            raise ConfigError(f"key 'max_sequence_length' is set twice, {cfg.max_sequence_length!r} at the top level "
+                              f"and {given!r} under family_options; keep one")
+    return options
+
+
 def resolve_method_options(cfg: TrainConfig, source: str) -> None:
     """Check `cfg.method_options` against the chosen method's `Options` (keys it reads, types, values) and
     fill in its defaults, so the error comes before any model is loaded and the saved config shows them."""
-    from diffusion_po.objectives import get_method_class  # the methods' Options build on this module
+    from diffusion_po.objectives import get_method_class  # local: torch loads only when a config is validated
 
     try:
         method_cls = get_method_class(cfg.method)

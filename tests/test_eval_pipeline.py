@@ -511,3 +511,43 @@ def test_sample_output_scores_and_shares_flags_and_seeds_with_eval(tiny_sd, mode
                  "--models-root", str(models_root), *ck, "--num-workers", "0"]) == 0
     rows, _ = load_score_table(tmp_path / "s")
     assert len(rows) == 4 and all(np.isfinite(r["pickscore"]) for r in rows)
+
+
+def test_eval_generate_true_cfg_on_flux_dev(tmp_path, tiny_model_factory, capsys):
+    """`eval generate` takes `sample`'s --true-cfg / --embedded-guidance: FLUX.1-dev CFG through the sampler, the
+    same image as `sampling.generate` with those settings; without --true-cfg the one-line error says to set it."""
+    from diffusion_po.families import load_family
+    from diffusion_po.sampling import generate
+
+    model = tiny_model_factory("flux")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    base = ["eval", "generate", "--model", model, "--prompts", str(prompts), "--steps", "1", "--height", "32",
+            "--width", "32", "--guidance", "cfg", "--guidance-scale", "3", "--gen-dtype", "fp32", "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 2
+    assert "--true-cfg" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "run"), "--true-cfg", "--embedded-guidance", "2.5"]) == 0
+    (row,) = read_jsonl(tmp_path / "run" / "manifest.jsonl")
+    assert row["engine"] == "diffusion_po.sampling" and row["true_cfg"] and row["embedded_guidance"] == 2.5
+    family = load_family(model, options={"guidance_scale": 2.5})
+    (want,) = generate(family, ["a red circle"], seeds=[seed_for(0, 0, 1, 0)], scale=3.0, steps=1, height=32,
+                       width=32, true_cfg=True)
+    got = Image.open(tmp_path / "run" / row["image"])
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    run_info = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert run_info["true_cfg"] is True and run_info["embedded_guidance"] == 2.5
+
+
+def test_eval_embedded_guidance_needs_a_guidance_distilled_model(tmp_path, tiny_sd, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["eval", "generate", "--model", tiny_sd, "--prompts", str(prompts), "--steps", "1", "--out",
+                 str(tmp_path / "run"), "--embedded-guidance", "2.5", "--device", "cpu"]) == 2
+    assert "--embedded-guidance applies to guidance-distilled FLUX.1-dev" in capsys.readouterr().err
+
+
+def test_a_run_without_the_flux_settings_keeps_its_identity():
+    """run.json written before --true-cfg/--embedded-guidance existed still resumes: unset, they are not in it."""
+    identity = GenerateConfig(model="m", prompts="p").identity()
+    assert "true_cfg" not in identity and "embedded_guidance" not in identity
+    assert GenerateConfig(model="m", prompts="p", true_cfg=True).identity()["true_cfg"] is True

@@ -190,3 +190,51 @@ def test_dro_buffer_guidance_uses_the_family_unconditional_embedding(tmp_path, t
     assert cond["prompt_embeds"][:2].any()
     assert torch.equal(cond["time_ids"][2:], cond["time_ids"][:2])
     assert cond["time_ids"][:, :2].tolist() == sizes.float().tolist() * 2
+
+
+def test_family_options_from_the_config_reach_the_family(tmp_path, tiny_model_factory):
+    """`family_options:` sets FLUX's embedded guidance and timestep weighting (training and the sampler's prompts)."""
+    trainer = make_trainer(tmp_path, tiny_model_factory("flux"), "family_options.guidance_scale=2",
+                           "family_options.weighting=logit_normal")
+    fam = trainer.family
+    assert fam.guidance_scale == 2.0 and fam.weighting == "logit_normal"
+    assert torch.equal(trainer.context.encode_prompts([PROMPT])["guidance"], torch.tensor([2.0]))
+    sampler = GuidedSampler(fam)
+    state = sampler.prepare(sampler.specs(PROMPT), num_inference_steps=1, height=32, width=32)
+    assert torch.equal(state.cond["guidance"], torch.tensor([2.0]))
+
+
+def test_max_sequence_length_under_family_options(tmp_path, tiny_model_factory):
+    trainer = make_trainer(tmp_path, tiny_model_factory("sd3"), "family_options.max_sequence_length=64",
+                           "family_options.weighting=none")
+    assert trainer.family.max_sequence_length == 64 and trainer.family.weighting == "none"
+    with pytest.raises(ConfigError, match="'max_sequence_length' is set twice, 32 at the top level and 64"):
+        load_train_config(None, ["pretrained_model_name_or_path=x", "max_sequence_length=32",
+                                 "family_options.max_sequence_length=64"])
+
+
+@pytest.mark.parametrize(("family", "option", "message"), [
+    ("sd3", "family_options.guidanc_scale=2",
+     r"family_options: 'guidanc_scale' is not an option of the 'sd3' family \(StableDiffusion3Pipeline\); "
+     r"its options: max_sequence_length, weighting"),
+    ("flux", "family_options.guidanc_scale=2", r"'flux' family \(FluxPipeline\); did you mean 'guidance_scale'\?"),
+    ("sd", "family_options.weighting=none", r"'weighting' is not an option of the 'sd' family"),
+    ("sd3", "family_options.weighting=logit-normal",
+     r"family 'sd3': key 'family_options.weighting' is 'logit-normal'; choose one of 'logit_normal', 'none'"),
+    ("flux", "family_options.guidance_scale=high",
+     r"family 'flux': key 'family_options.guidance_scale' must be a number, got 'high'"),
+])
+def test_a_bad_family_option_names_the_key_and_the_family(tmp_path, tiny_model_factory, family, option, message):
+    with pytest.raises(ConfigError, match=message):
+        make_trainer(tmp_path, tiny_model_factory(family), option)
+
+
+def test_the_cache_fingerprint_holds_the_prompt_options(tiny_model_factory):
+    """FLUX-dev's cached prompt conditioning holds the embedded guidance: another value is another cache."""
+    from diffusion_po.data.cache import fingerprint
+    from diffusion_po.families import load_family
+
+    path = tiny_model_factory("flux")
+    fps = {g: fingerprint(load_family(path, options={"guidance_scale": g})) for g in (3.5, 2.0)}
+    assert fps[3.5] != fps[2.0]
+    assert fingerprint(load_family(path)) == fps[3.5]

@@ -1,9 +1,12 @@
 """Imports flow one way (docs/architecture.md): commands -> toy/bench/eval -> sampling -> guidance;
-training -> objectives -> families; data and families below.
+training -> objectives -> families; data and families below; config above objectives (which build their
+`Options` on `diffusion_po.typed`, not on config).
 
 Every module of `diffusion_po` is parsed with `ast`: module-level and function-local `import` /
 `from ... import` statements (relative ones resolved) and `importlib.import_module("diffusion_po...")`
-calls with a literal (or f-string) name all count. A violation is reported as `file:line: a -> b`.
+calls with a literal (or f-string) name all count; imports under `if TYPE_CHECKING:` count for the layer
+rules but not for the `runtime` rules or the cycle check (they never run). A violation is reported as
+`file:line: a -> b`, an import cycle between the package's top-level modules as the chain of imports.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Rule:
     layer: str
     forbidden: tuple[str, ...] = ()
     only: tuple[str, ...] | None = None
+    runtime: bool = False
+    """Only imports that run count (`if TYPE_CHECKING:` imports, for annotations, are allowed)."""
 
 
 RULES: tuple[Rule, ...] = (
@@ -37,6 +42,8 @@ RULES: tuple[Rule, ...] = (
     Rule("guidance", only=("torch",)),
     Rule("sampling", forbidden=("toy", "eval", "training")),
     Rule("eval", forbidden=("training",)),
+    Rule("objectives", forbidden=("config",), runtime=True),
+    Rule("families", forbidden=("config",), runtime=True),
 )
 
 
@@ -48,6 +55,8 @@ class Import:
     line: int
     importer: str
     target: str
+    type_only: bool = False
+    """Under `if TYPE_CHECKING:` (never runs)."""
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -79,15 +88,31 @@ def _is_import_module(func: ast.expr) -> bool:
         isinstance(func, ast.Name) and func.id in ("import_module", "__import__"))
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    """ids of the nodes inside the body of an `if TYPE_CHECKING:` block."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            inside |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return inside
+
+
 def imports_of(path: Path, root: Path) -> list[Import]:
     """Every module `path` imports, anywhere in the file (function bodies included)."""
     name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    type_only = _type_checking_nodes(tree)
     found: list[Import] = []
     for node in ast.walk(tree):
+        typing_only = id(node) in type_only
         if isinstance(node, ast.Import):
-            found += [Import(path, node.lineno, name, alias.name) for alias in node.names]
+            found += [Import(path, node.lineno, name, alias.name, typing_only) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -98,11 +123,11 @@ def imports_of(path: Path, root: Path) -> list[Import]:
             # `from diffusion_po.training import trainer` names the submodule, `... import train` the package
             for alias in node.names:
                 sub = f"{module}.{alias.name}"
-                found.append(Import(path, node.lineno, name, sub if _is_module(sub, root) else module))
+                found.append(Import(path, node.lineno, name, sub if _is_module(sub, root) else module, typing_only))
         elif isinstance(node, ast.Call) and _is_import_module(node.func) and node.args:
             target = _literal_prefix(node.args[0])
             if target:
-                found.append(Import(path, node.lineno, name, target))
+                found.append(Import(path, node.lineno, name, target, typing_only))
     return found
 
 
@@ -113,6 +138,8 @@ def _under(module: str, package: str) -> bool:
 def violation(imp: Import, rule: Rule) -> bool:
     """Whether `imp` breaks `rule` (its importer is assumed to be in the rule's layer)."""
     layer = f"{PACKAGE}.{rule.layer}"
+    if rule.runtime and imp.type_only:
+        return False
     if rule.only is not None:
         top = imp.target.split(".")[0]
         allowed = (top in rule.only or top in sys.stdlib_module_names or top == "__future__"
@@ -130,6 +157,7 @@ def check(root: Path, rules: tuple[Rule, ...] = RULES) -> list[str]:
             if not imports or not _under(imports[0].importer, f"{PACKAGE}.{rule.layer}"):
                 continue
             what = f"only {', '.join(rule.only)}" if rule.only is not None else f"not {', '.join(rule.forbidden)}"
+            what += " at runtime" if rule.runtime else ""
             for imp in imports:
                 if violation(imp, rule):
                     problems[f"{path.relative_to(root)}:{imp.line}: {imp.importer} -> {imp.target} "
@@ -137,9 +165,73 @@ def check(root: Path, rules: tuple[Rule, ...] = RULES) -> list[str]:
     return list(problems)
 
 
+def unit_of(module: str) -> str:
+    """The top-level module or subpackage a module belongs to: `diffusion_po.data.cache` -> `diffusion_po.data`."""
+    return ".".join(module.split(".")[:2])
+
+
+def module_graph(root: Path) -> dict[str, dict[str, Import]]:
+    """importer unit -> imported unit -> the first import (by file and line) making that edge, for the
+    imports that run (function-local ones included, `if TYPE_CHECKING:` ones not)."""
+    graph: dict[str, dict[str, Import]] = {}
+    for path in sorted((root / PACKAGE).rglob("*.py")):
+        for imp in sorted(imports_of(path, root), key=lambda imp: imp.line):
+            if imp.type_only or not _under(imp.target, PACKAGE):
+                continue
+            a, b = unit_of(imp.importer), unit_of(imp.target)
+            if a != b:
+                graph.setdefault(a, {}).setdefault(b, imp)
+    return graph
+
+
+def _path(graph: dict[str, dict[str, Import]], start: str, goal: str) -> list[str] | None:
+    """The shortest chain of units from `start` to `goal` (breadth first), or None."""
+    previous: dict[str, str | None] = {start: None}
+    queue = [start]
+    for node in queue:
+        if node == goal:
+            chain = [node]
+            while previous[chain[-1]] is not None:
+                chain.append(previous[chain[-1]])
+            return chain[::-1]
+        for nxt in sorted(graph.get(node, {})):
+            if nxt not in previous:
+                previous[nxt] = node
+                queue.append(nxt)
+    return None
+
+
+def import_cycles(root: Path) -> list[str]:
+    """Each import cycle between the package's top-level modules/subpackages, once, as
+    `a -> b (file:line) -> a (file:line)`."""
+    graph = module_graph(root)
+    found: dict[frozenset[str], str] = {}
+    for a in sorted(graph):
+        for b in sorted(graph[a]):
+            back = _path(graph, b, a)
+            if back is None:
+                continue
+            chain = [a, *back]
+            key = frozenset(chain)
+            if key in found:
+                continue
+            steps = [chain[0]]
+            for x, y in zip(chain, chain[1:]):
+                imp = graph[x][y]
+                steps.append(f"{y} ({imp.file.relative_to(root)}:{imp.line})")
+            found[key] = " -> ".join(steps)
+    return list(found.values())
+
+
 def test_the_package_imports_flow_one_way():
     problems = check(PACKAGE_DIR.parent)
     assert not problems, "imports against the layering (docs/architecture.md):\n" + "\n".join(problems)
+
+
+def test_the_package_has_no_import_cycles():
+    cycles = import_cycles(PACKAGE_DIR.parent)
+    assert not cycles, "import cycles between diffusion_po's modules (function-local imports count):\n" + "\n".join(
+        cycles)
 
 
 def test_every_module_is_read():
@@ -165,11 +257,19 @@ def synthetic(tmp_path: Path) -> Path:
                                           "from typing import ClassVar\nfrom . import base\n")
     _write(tmp_path, "sampling/io.py", "from diffusion_po.guidance import cfg\nfrom diffusion_po.families import x\n")
     _write(tmp_path, "eval/report.py", "from diffusion_po.sampling import io\n")
+    _write(tmp_path, "typed.py", "from diffusion_po.errors import ConfigError\n")
+    _write(tmp_path, "errors.py", "")
+    _write(tmp_path, "config.py", "from diffusion_po.typed import from_dict\n\n\ndef resolve():\n"
+                                  "    from diffusion_po.objectives import get_method_class\n")
+    _write(tmp_path, "objectives/options.py", "from typing import TYPE_CHECKING\nfrom diffusion_po.typed import from_dict\n"
+                                           "if TYPE_CHECKING:\n    from diffusion_po.config import TrainConfig\n")
     return tmp_path
 
 
 def test_checker_passes_a_clean_tree(synthetic):
+    """TYPE_CHECKING imports of config from objectives and config's function-local import of objectives are fine."""
     assert check(synthetic) == []
+    assert import_cycles(synthetic) == []
 
 
 @pytest.mark.parametrize(
@@ -198,6 +298,10 @@ def test_checker_passes_a_clean_tree(synthetic):
          "sampling/__init__.py:1: diffusion_po.sampling -> diffusion_po.training"),
         ("eval/generate.py", "from diffusion_po.training.checkpoint import list_checkpoints\n",
          "eval/generate.py:1: diffusion_po.eval.generate -> diffusion_po.training.checkpoint"),
+        ("objectives/npo.py", "from diffusion_po.config import TrainConfig\n",
+         "objectives/npo.py:1: diffusion_po.objectives.npo -> diffusion_po.config"),
+        ("families/flux.py", "def f():\n    from diffusion_po import config\n",
+         "families/flux.py:2: diffusion_po.families.flux -> diffusion_po.config"),
     ],
 )
 def test_checker_names_a_synthetic_violation(synthetic, relative, text, expected):
@@ -214,3 +318,22 @@ def test_checker_allows_the_downward_direction(synthetic):
                                            "from diffusion_po.training import trainer\n")
     _write(synthetic, "data/preference.py", "from diffusion_po.families import sd\n")
     assert check(synthetic) == []
+
+
+def test_cycle_check_names_a_cycle_through_a_function_local_import(synthetic):
+    """objectives -> config at module level closes a loop with config's function-local import of objectives."""
+    _write(synthetic, "objectives/options.py", "from diffusion_po.config import from_dict\n")
+    assert import_cycles(synthetic) == [
+        "diffusion_po.config -> diffusion_po.objectives (diffusion_po/config.py:5) "
+        "-> diffusion_po.config (diffusion_po/objectives/options.py:1)"
+    ]
+
+
+def test_cycle_check_follows_longer_loops_and_skips_type_checking(synthetic):
+    _write(synthetic, "sampling/api.py", "def f():\n    from diffusion_po.eval import report\n")
+    cycles = import_cycles(synthetic)
+    assert len(cycles) == 1 and "diffusion_po.eval -> diffusion_po.sampling" in cycles[0], cycles
+    assert "diffusion_po/sampling/api.py:2" in cycles[0] and "diffusion_po/eval/report.py:1" in cycles[0], cycles
+    _write(synthetic, "sampling/api.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                         "    from diffusion_po.eval import report\n")
+    assert import_cycles(synthetic) == []

@@ -258,10 +258,11 @@ def test_self_npo_rollout_matches_the_reference_algorithm(tmp_path, tiny_sd):
 def test_self_npo_step_images_and_own_samples(tmp_path, tiny_model_factory):
     tr = make_trainer(tmp_path, tiny_model_factory("sdxl"), "self_npo", "prompts")
     ctx, method = tr.context, tr.method
-    assert method.w == -5.0 and method.uncond_kind == "zeros"
+    assert method.w == -5.0 and method.uncond_kind == "auto"  # SDXL's Family.unconditional: zeros
     cond = ctx.encode_prompts(["a red square", "a dog"])
     unc = method._uncond(ctx, cond)
     assert torch.equal(unc["time_ids"], cond["time_ids"]) and float(unc["text_embeds"].abs().sum()) == 0.0
+    assert float(unc["prompt_embeds"].abs().sum()) == 0.0
     spy = Spy(ctx.policy_predict)
     ctx.policy_predict = spy
     loss, m = method.compute_loss(ctx, {"captions": ["a red square", "a dog"], "size": 2})  # no images at all
@@ -279,6 +280,28 @@ def test_self_npo_step_images_and_own_samples(tmp_path, tiny_model_factory):
     method.on_optimizer_step(ctx, 1)
     after = next(method.teacher.parameters())
     assert torch.allclose(after, before + 0.001 * (next(student.parameters()) - before), atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "explicit"), [("sd", "empty"), ("sdxl", "zeros")])
+def test_self_npo_auto_uncond_is_the_family_policy(tmp_path, tiny_model_factory, family, explicit):
+    """`uncond: auto` is `Family.unconditional` (the image's time ids kept): for SD1.x and standard SDXL the same
+    numbers as the authors' explicit `empty` / `zeros`; an SDXL without force_zeros_for_empty_prompt gets ''."""
+    path = tiny_model_factory(family)
+    runs = {kind: make_trainer(tmp_path / kind, path, "self_npo", "prompts", f"method_options.uncond={kind}")
+            for kind in ("auto", explicit)}
+    cond = runs["auto"].context.encode_prompts(["a red square", "a dog"])
+    auto, want = (runs[k].method._uncond(runs[k].context, cond) for k in ("auto", explicit))
+    assert auto.keys() == want.keys() == cond.keys()
+    for key in cond:
+        assert torch.equal(auto[key], want[key]), key
+    if family == "sdxl":
+        tr = runs["auto"]
+        tr.family.pipe.register_to_config(force_zeros_for_empty_prompt=False)
+        tr.method._empty = None
+        unc = tr.method._uncond(tr.context, cond)
+        empty = tr.family.encode_prompts([""], resolution=tr.cfg.resolution)
+        assert torch.equal(unc["prompt_embeds"], empty["prompt_embeds"].expand_as(cond["prompt_embeds"]))
+        assert torch.equal(unc["time_ids"], cond["time_ids"])
 
 
 def test_self_npo_teacher_state_round_trip(tmp_path, tiny_sd):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diffusion_po.commands.sample import add_true_cfg_args
 from diffusion_po.errors import UserError
 
 
@@ -65,6 +66,7 @@ def _add_guidance_args(p: argparse.ArgumentParser) -> None:
                    help="sample through diffusion_po.sampling with this guidance (default: the stock pipeline call)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--npo-lora", default=None, help="NPO LoRA for the negative branch (implies the sampler)")
+    add_true_cfg_args(p)  # as `diffusion-po sample` (either implies the sampler)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -214,6 +216,7 @@ def _generation_config(args: argparse.Namespace, model: str, lora: str | None, n
         height=args.height, width=args.width, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
         dtype=args.gen_dtype, image_format=args.image_format, start=args.start, limit=args.limit,
         guidance=args.guidance, guidance_rescale=args.guidance_rescale, npo_lora=args.npo_lora,
+        true_cfg=args.true_cfg, embedded_guidance=args.embedded_guidance,
     )
 
 

@@ -40,6 +40,15 @@ def _seeds(text: str) -> list[int]:
     return out
 
 
+def add_true_cfg_args(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--true-cfg` and `--embedded-guidance` (FLUX.1-dev), one definition for `sample` and `eval generate/benchmark`."""
+    group.add_argument("--true-cfg", action="store_true",
+                       help="FLUX.1-dev (guidance-distilled): run CFG / negative prompts / Perp-Neg / NPO as true-CFG "
+                            "branches (diffusers' true_cfg_scale); without it only --guidance-scale 1 is accepted")
+    group.add_argument("--embedded-guidance", type=float, default=None,
+                       help="FLUX.1-dev's embedded guidance (FluxPipeline's guidance_scale; default 3.5)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample",
@@ -83,11 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cfg (negative prompt replaces the empty prompt), composable, perp-neg, npo (cfg that requires NPO weights)")
     g.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=None,
                    help="s (default: 7.5 SD, 5 SDXL, 7 SD3)")
-    g.add_argument("--true-cfg", action="store_true",
-                   help="FLUX.1-dev (guidance-distilled): run CFG / negative prompts / Perp-Neg / NPO as true-CFG "
-                        "branches (diffusers' true_cfg_scale); without it only --guidance-scale 1 is accepted")
-    g.add_argument("--embedded-guidance", type=float, default=None,
-                   help="FLUX.1-dev's embedded guidance (FluxPipeline's guidance_scale; default 3.5)")
+    add_true_cfg_args(g)
     g.add_argument("--guidance-rescale", type=float, default=0.0, help="phi of Lin et al. guidance rescale (0 = off)")
     g.add_argument("--scheduler", help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm++, dpm++_karras, dpm++_sde, unipc, "
                    "flow_euler, flow_heun, or a diffusers class name (default: the model's)")
@@ -141,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
     from diffusion_po import __version__
     from diffusion_po.families import family_for_pipeline
     from diffusion_po.guidance import make_guidance
-    from diffusion_po.sampling.api import check_sampling_settings, generate, load_sampling_pipeline
+    from diffusion_po.sampling.api import (
+        check_sampling_settings,
+        generate,
+        load_sampling_pipeline,
+        set_embedded_guidance,
+    )
     from diffusion_po.sampling.io import make_grid, png_info, seed_for
     from diffusion_po.sampling.sampler import PromptSpec
 
@@ -179,11 +189,7 @@ def run(args: argparse.Namespace) -> int:
             from diffusion_po.families import compile_regions
 
             compile_regions(negative.network, family_for_pipeline(pipe).repeated_blocks)
-    fam = family_for_pipeline(pipe)
-    if args.embedded_guidance is not None:
-        if not getattr(fam, "guidance_distilled", False):
-            raise UserError(f"--embedded-guidance applies to guidance-distilled FLUX.1-dev checkpoints, not {args.model}")
-        fam.guidance_scale = float(args.embedded_guidance)
+    fam = set_embedded_guidance(family_for_pipeline(pipe), args.embedded_guidance, args.model)
     dh, dw = fam.default_size()
     height = args.height or args.resolution or dh
     width = args.width or args.resolution or dw

@@ -36,7 +36,13 @@ from typing import Any
 
 import torch
 
-from diffusion_po.config import DataConfig, TrainConfig, default_num_workers, weight_dtype_of
+from diffusion_po.config import (
+    DataConfig,
+    TrainConfig,
+    default_num_workers,
+    family_options_of,
+    weight_dtype_of,
+)
 from diffusion_po.data.preference import (
     PAIRED_FORMATS,
     BadRow,
@@ -62,8 +68,10 @@ def fingerprint(family: Any) -> str:
     """A short hash of what the cache depends on: the family, the VAE and text encoders (configs and a
     strided sample of every weight, rounded to bf16 so fp32 and bf16 copies agree) and the tokenizers."""
     h = hashlib.sha256(f"v{CACHE_VERSION}:{family.name}".encode())
-    if getattr(family, "max_sequence_length", None):  # T5 prompt length (SD3): cached embeddings depend on it
-        h.update(f"max_sequence_length:{family.max_sequence_length}".encode())
+    for option in family.prompt_options:  # e.g. the T5 prompt length: cached embeddings depend on it
+        value = getattr(family, option, None)
+        if value:
+            h.update(f"{option}:{value}".encode())
     modules = [("vae", family.vae)] + [(f"text_encoder_{i}", enc) for i, enc in enumerate(family.text_encoders)]
     for name, module in modules:
         h.update(name.encode())
@@ -228,7 +236,7 @@ def write_cache(
         raise UserError("no cache folder: set data.cache_dir in the config or pass --output")
     started = time.perf_counter()
     family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
-                         cfg.revision, cfg.variant, max_sequence_length=cfg.max_sequence_length)
+                         cfg.revision, cfg.variant, options=family_options_of(cfg))
     fp = fingerprint(family)
     folder = cache_folder(root, cfg.pretrained_model_name_or_path, fp, cfg.resolution)
     if (folder / META_FILE).exists() and not overwrite:

@@ -45,6 +45,10 @@ class GenerateConfig:
     guidance: str | None = None
     guidance_rescale: float = 0.0
     npo_lora: str | None = None
+    # FLUX.1-dev (both imply the sampler, as `diffusion-po sample --true-cfg / --embedded-guidance`): CFG branches
+    # as true CFG (diffusers' true_cfg_scale), and the embedded guidance (FluxPipeline's guidance_scale)
+    true_cfg: bool = False
+    embedded_guidance: float | None = None
     dtype: str = "auto"
     image_format: str = "png"
     start: int = 0
@@ -56,6 +60,9 @@ class GenerateConfig:
         d = asdict(self)
         d.pop("start")
         d.pop("limit")
+        for key in ("true_cfg", "embedded_guidance"):  # unset: as a run.json written before these settings
+            if not d[key]:
+                d.pop(key)
         return d
 
 
@@ -73,7 +80,7 @@ def _torch_dtype(name: str, device: str) -> Any:
 
 def uses_sampler(cfg: GenerateConfig) -> bool:
     """Whether this run goes through diffusion_po.sampling (guidance other than the stock call)."""
-    return bool(cfg.guidance or cfg.npo_lora)
+    return bool(cfg.guidance or cfg.npo_lora or cfg.true_cfg or cfg.embedded_guidance is not None)
 
 
 def load_sampler_pipeline(cfg: GenerateConfig, device: str) -> tuple[Any, Any]:
@@ -192,6 +199,11 @@ def generate_images(
     if cfg.width is not None:
         call_kwargs["width"] = cfg.width
     call_kwargs.update(cfg.extra)
+    if sampler:
+        from diffusion_po.families import family_for_pipeline
+        from diffusion_po.sampling.api import generate, set_embedded_guidance
+
+        family = set_embedded_guidance(family_for_pipeline(pipe), cfg.embedded_guidance, cfg.model)
 
     bar = tqdm(total=total, initial=total - len(jobs), desc=f"generate {Path(cfg.model).name}", unit="img",
                disable=not progress)
@@ -206,12 +218,10 @@ def generate_images(
                 kwargs["negative_prompt"] = [cfg.negative_prompt] * len(batch)
             t0 = time.perf_counter()
             if sampler:
-                from diffusion_po.sampling.api import generate
-
                 images = generate(
-                    pipe, prompts, seeds=seeds, guidance=cfg.guidance or "cfg", scale=cfg.guidance_scale,
+                    family, prompts, seeds=seeds, guidance=cfg.guidance or "cfg", scale=cfg.guidance_scale,
                     rescale=cfg.guidance_rescale, negative_prompt=cfg.negative_prompt, negative_model=negative,
-                    steps=cfg.steps, height=cfg.height, width=cfg.width, batch_size=len(batch),
+                    steps=cfg.steps, height=cfg.height, width=cfg.width, batch_size=len(batch), true_cfg=cfg.true_cfg,
                 )
             else:
                 with torch.inference_mode():
@@ -241,6 +251,8 @@ def generate_images(
                     "steps": cfg.steps,
                     "guidance_scale": cfg.guidance_scale,
                     "guidance": cfg.guidance or "cfg",
+                    "true_cfg": cfg.true_cfg,
+                    "embedded_guidance": cfg.embedded_guidance,
                     "engine": "diffusion_po.sampling" if sampler else "pipeline",
                     "height": image.height,
                     "width": image.width,

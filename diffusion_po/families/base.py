@@ -31,6 +31,7 @@ import torch
 
 from diffusion_po.errors import ConfigError, ModelLoadError
 from diffusion_po.hub import hub_local_only
+from diffusion_po.typed import coerce
 
 Conditioning = dict[str, torch.Tensor]
 
@@ -87,6 +88,8 @@ class Family:
     uses_true_cfg: ClassVar[bool] = False
     #: T5 prompt length for training and sampling; None: the family has no T5 encoder
     default_max_sequence_length: ClassVar[int | None] = None
+    #: options (attributes) that change what `encode_prompts` returns: the data cache's fingerprint holds them
+    prompt_options: ClassVar[tuple[str, ...]] = ("max_sequence_length",)
     #: "epsilon" | "v_prediction" | "sample" | "flow"
     prediction_type: str = "epsilon"
 
@@ -106,6 +109,40 @@ class Family:
 
     # ----------------------------------------------------------------- loading
     @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        """The family's options (the keyword arguments of its constructors, e.g. SD3's `weighting`, FLUX's
+        `guidance_scale`) and their annotations: what `family_options:` in a training config may set."""
+        import typing
+
+        types: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            init = vars(klass).get("__init__")
+            if init is None or klass is object:
+                continue
+            hints = typing.get_type_hints(init)
+            for name, param in inspect.signature(init).parameters.items():
+                if name not in ("self", "pipe") and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                    types[name] = hints.get(name, Any)
+        return types
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """`options` checked against `option_types` (names and types): a ConfigError naming the key and the
+        family otherwise."""
+        import difflib
+
+        types = cls.option_types()
+        for key in options:
+            if key not in types:
+                close = difflib.get_close_matches(key, list(types), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"family_options: '{key}' is not an option of the '{cls.name}' family "
+                    f"({', '.join(cls.pipeline_class_names)}){hint}; its options: {', '.join(sorted(types))}"
+                )
+        return {k: coerce(v, types[k], f"family_options.{k}", f"family '{cls.name}'") for k, v in options.items()}
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str,
@@ -113,11 +150,16 @@ class Family:
         revision: str | None = None,
         variant: str | None = None,
         max_sequence_length: int | None = None,
+        options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Family:
-        """Load by hub id or local folder through `DiffusionPipeline.from_pretrained` (one path for all)."""
+        """Load by hub id or local folder through `DiffusionPipeline.from_pretrained` (one path for all);
+        `options` (and `max_sequence_length`, one of them) go to the family (`family_for_pipeline`)."""
         pipe = load_pipeline(path, vae_path=vae_path, revision=revision, variant=variant, **kwargs)
-        return family_for_pipeline(pipe, max_sequence_length=max_sequence_length)
+        options = dict(options or {})
+        if max_sequence_length is not None:
+            options["max_sequence_length"] = max_sequence_length
+        return family_for_pipeline(pipe, **options)
 
     # ----------------------------------------------------------------- parts
     @property
@@ -501,12 +543,14 @@ def network_of(pipe: Any) -> torch.nn.Module:
 
 
 def family_for_pipeline(pipe: Any, **options: Any) -> Family:
-    """Wrap a pipeline in its family (a Family passes through). `options`: the family's constructor
-    keywords, e.g. `max_sequence_length` (None values are left to the family's default)."""
+    """Wrap a pipeline in its family (a Family passes through). `options`: the family's options
+    (`Family.option_types`, e.g. `max_sequence_length`, SD3's `weighting`, FLUX's `guidance_scale`), checked by
+    `Family.check_options`; None values are left to the family's default."""
     if isinstance(pipe, Family):
         return pipe
+    cls = family_class_for(pipe)
     options = {k: v for k, v in options.items() if v is not None}
-    return family_class_for(pipe)(pipe, **options)
+    return cls(pipe, **cls.check_options(options))
 
 
 def load_pipeline(

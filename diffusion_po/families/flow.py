@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from diffusion_po.families.base import Conditioning, Family, register_family
+
+Weighting = Literal["logit_normal", "none"]
+"""Training timestep density (diffusers' `--weighting_scheme`): logit-normal (SD3) or uniform."""
 
 
 @register_family
@@ -25,7 +28,7 @@ class StableDiffusion3Family(Family):
     #: the stock pipeline's `max_sequence_length` (T5 tokens), for training and sampling alike
     default_max_sequence_length: ClassVar[int | None] = 256
 
-    def __init__(self, pipe: Any, weighting: str = "logit_normal", **options: Any):
+    def __init__(self, pipe: Any, weighting: Weighting = "logit_normal", **options: Any):
         super().__init__(pipe, **options)
         self.weighting = weighting
 

@@ -26,7 +26,7 @@ import torch
 
 from diffusion_po.errors import UserError
 from diffusion_po.families.base import Conditioning, register_family
-from diffusion_po.families.flow import StableDiffusion3Family
+from diffusion_po.families.flow import StableDiffusion3Family, Weighting
 
 
 @register_family
@@ -41,8 +41,10 @@ class FluxFamily(StableDiffusion3Family):
     uses_true_cfg: ClassVar[bool] = True
     #: FluxPipeline's `max_sequence_length` (T5 tokens), for training and sampling alike
     default_max_sequence_length: ClassVar[int | None] = 512
+    #: dev checkpoints' `encode_prompts` holds the embedded guidance
+    prompt_options: ClassVar[tuple[str, ...]] = ("max_sequence_length", "guidance_scale")
 
-    def __init__(self, pipe: Any, weighting: str = "none", guidance_scale: float = 3.5, **options: Any):
+    def __init__(self, pipe: Any, weighting: Weighting = "none", guidance_scale: float = 3.5, **options: Any):
         super().__init__(pipe, weighting=weighting, **options)
         #: the embedded guidance of dev checkpoints, for training and sampling (FluxPipeline's guidance_scale)
         self.guidance_scale = float(guidance_scale)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from diffusion_po.config import from_dict
 from diffusion_po.errors import ConfigError
+from diffusion_po.typed import from_dict
 
 if TYPE_CHECKING:
     from diffusion_po.config import TrainConfig

@@ -14,13 +14,16 @@ beta 500, which is `beta_dpo: 1000` here; the NPO-SDXL launcher (with the 1/2) u
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
-from diffusion_po.config import TrainConfig
 from diffusion_po.objectives import dpo
 from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
 from diffusion_po.objectives.paired import paired_errors
+
+if TYPE_CHECKING:
+    from diffusion_po.config import TrainConfig
 
 
 def beta_from_reference(beta: float, has_half: bool) -> float:

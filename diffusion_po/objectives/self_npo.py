@@ -82,7 +82,8 @@ def loss(distances: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
 
 # ----------------------------------------------------------------------------- method
 
-FAMILY_DEFAULTS = {"sd": (-1.0, "empty"), "sdxl": (-5.0, "zeros"), "sd3": (-1.0, "empty")}
+FAMILY_GUIDANCE = {"sd": -1.0, "sdxl": -5.0, "sd3": -1.0}
+"""The authors' teacher guidance w per family (others: -1)."""
 
 
 @register_method
@@ -99,7 +100,9 @@ class SelfNPO(Method):
         guidance: float | None = None
         """Teacher guidance w in pred_c + w (pred_c - pred_u); default -1 (SD1.x/2.x, SD3), -5 (SDXL)."""
         uncond: Literal["auto", "empty", "zeros"] = "auto"
-        """Unconditional embeddings: '' encoded (default for SD1.x) or all zeros (default for SDXL)."""
+        """Unconditional embeddings: `auto` = the family's (`Family.unconditional`: '' encoded for SD1.x/2.x and
+        SD3, all zeros for SDXL with force_zeros_for_empty_prompt, the authors' choices); `empty` = '' encoded;
+        `zeros` = all zeros. The image's own micro-conditioning (SDXL time ids) is kept in every case."""
         num_ddim_timesteps: int = 25
         teacher_steps: int = 5
         ema_decay: float = 0.999
@@ -129,9 +132,9 @@ class SelfNPO(Method):
         # only these differ between teacher and student (all of them for full fine-tuning, the LoRA weights otherwise)
         self._trainable = {n for n, p in student.named_parameters() if p.requires_grad}
         name = ctx.family.name
-        w, uncond = FAMILY_DEFAULTS.get(name, (-1.0, "empty"))
+        w = FAMILY_GUIDANCE.get(name, -1.0)
         self.w = self.options.guidance if self.options.guidance is not None else w
-        self.uncond_kind = uncond if self.options.uncond == "auto" else self.options.uncond
+        self.uncond_kind = self.options.uncond
 
     def on_optimizer_step(self, ctx: TrainContext, step: int) -> None:
         ema_update(self._teacher(ctx), trainable_network(ctx), self.options.ema_decay)
@@ -161,11 +164,13 @@ class SelfNPO(Method):
     # --- conditioning
     def _uncond(self, ctx: TrainContext, cond: Conditioning) -> Conditioning:
         n = next(iter(cond.values())).shape[0]
-        out = {}
-        if self.uncond_kind == "empty" and self._empty is None:
-            self._empty = ctx.family.encode_prompts([""], resolution=ctx.config.resolution)
+        fam, out = ctx.family, {}
+        if self.uncond_kind != "zeros" and self._empty is None:
+            res = ctx.config.resolution
+            self._empty = (fam.unconditional(1, resolution=res) if self.uncond_kind == "auto"
+                           else fam.encode_prompts([""], resolution=res))
         for key, value in cond.items():
-            if key == "time_ids":  # micro-conditioning stays the image's own
+            if key in fam.row_keys:  # micro-conditioning (SDXL time ids) stays the image's own
                 out[key] = value
             elif self.uncond_kind == "zeros":
                 out[key] = torch.zeros_like(value)

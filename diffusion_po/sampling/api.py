@@ -176,6 +176,16 @@ def _merged_negative(pipe, npo_base, npo_lora, negative_model, alpha, kinds) -> 
     return NegativeModel(network=merged, kinds=kinds, description={k: v for k, v in desc.items() if v is not None})
 
 
+def set_embedded_guidance(family: Family, value: float | None, model: str) -> Family:
+    """`family` with FLUX.1-dev's embedded guidance set to `value` (`--embedded-guidance`; None: unchanged);
+    an error for a checkpoint without a guidance embedding."""
+    if value is not None:
+        if not getattr(family, "guidance_distilled", False):
+            raise UserError(f"--embedded-guidance applies to guidance-distilled FLUX.1-dev checkpoints, not {model}")
+        family.guidance_scale = float(value)
+    return family
+
+
 def _as_family(pipe_or_family: Any) -> Family:
     if isinstance(pipe_or_family, (str, Path)):
         pipe_or_family, _ = load_sampling_pipeline(str(pipe_or_family))

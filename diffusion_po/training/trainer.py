@@ -25,6 +25,7 @@ import torch
 from diffusion_po.config import (
     TrainConfig,
     default_num_workers,
+    family_options_of,
     resolve_total_batch,
     save_config,
     steps_for_epochs,
@@ -259,7 +260,7 @@ class Trainer:
 
         if family is None:
             family = load_family(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
-                                 cfg.revision, cfg.variant, max_sequence_length=cfg.max_sequence_length)
+                                 cfg.revision, cfg.variant, options=family_options_of(cfg))
         self.family = family
         if cfg.snr_gamma is not None:
             check_snr_gamma(family)
