@@ -97,7 +97,7 @@ def test_lora_run_writes_grids_scores_trackers_and_card(tmp_path, tiny_sd, picka
     # the card's loading snippet works as written (on the CPU, in fp32)
     code = card.split("```python\n")[1].split("```")[0]
     code = code.replace("torch.float16", "torch.float32").replace('.to("cuda")', "")
-    code = code.replace('image = pipe("a photo of a cat").images[0]', "")
+    code = code.replace(f'image = pipe("{PROMPTS[0]}").images[0]', "")
     scope: dict = {}
     exec(code, scope)
     assert scope["pipe"].get_active_adapters()
@@ -127,6 +127,31 @@ def test_validation_does_not_change_the_trained_weights(tmp_path, tiny_sd, picka
         "step-0.png", "step-2.png", "step-3.png"]
 
 
+def test_resume_with_validation_stays_exact_and_keeps_the_grids(tmp_path, tiny_sd, pickapic):
+    from safetensors.torch import load_file
+
+    straight = write_config(tmp_path, tiny_sd, pickapic, "straight", max_train_steps=3)
+    torch.manual_seed(0)  # the same LoRA init for both runs (peft draws it from the global generator)
+    assert main(["train", str(straight)]) == 0
+    first = write_config(tmp_path, tiny_sd, pickapic, "resumed", max_train_steps=2, checkpointing_steps=1,
+                         validation_scorer="toy", **VALIDATION)
+    torch.manual_seed(0)
+    assert main(["train", str(first)]) == 0
+    out = tmp_path / "resumed"
+    base = (out / "validation" / "step-0.png").stat().st_mtime_ns
+    # resume from checkpoint-1: steps 2 and 3 are trained again, step 0 is not sampled again
+    (out / "checkpoint-2").rename(tmp_path / "moved-away")
+    assert main(["train", str(first), "--resume", "--set", "max_train_steps=3"]) == 0
+    assert (out / "validation" / "step-0.png").stat().st_mtime_ns == base
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
+        "step-0.png", "step-1.png", "step-2.png", "step-3.png"]
+    steps = [json.loads(line)["step"] for line in (out / "validation" / "scores.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    b = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("guidance", ["perp-neg", "npo"])
 def test_validation_guidance_is_any_of_ours(tmp_path, tiny_sd, pickapic, guidance):
     from diffusion_po.sampling import load_negative_network, load_sampling_pipeline
@@ -149,7 +174,9 @@ def test_push_to_hub_offline_fails_after_everything_is_saved(tmp_path, tiny_sd, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = write_config(tmp_path, tiny_sd, pickapic, max_train_steps=1, push_to_hub=True, hub_model_id="me/tiny-dpo")
     assert main(["train", str(cfg)]) == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "WARNING: push_to_hub is on but this machine is offline" in captured.out  # said at the start too
+    err = captured.err
     assert "push_to_hub: this machine is offline" in err and "hf upload me/tiny-dpo" in err
     out = tmp_path / "cfg"
     for name in ("pytorch_lora_weights.safetensors", "README.md", "config.yaml", "metrics.jsonl", "checkpoint-1"):

@@ -139,7 +139,8 @@ def card_text(cfg: TrainConfig, output_dir: Path, *, step: int, num_processes: i
                   "torch_dtype=torch.float16)",
                   f'pipe = DiffusionPipeline.from_pretrained("{base}", {network_name}={network_name}, '
                   'torch_dtype=torch.float16).to("cuda")']
-    lines += ['image = pipe("a photo of a cat").images[0]', "```", ""]
+    example = validation["prompts"][0] if validation and validation["prompts"] else "a photo of a cat"
+    lines += [f"image = pipe({json.dumps(example)}).images[0]", "```", ""]
     if cfg.method == "npo":
         flag = "--npo-lora" if cfg.use_lora else "--negative-model"
         lines += ["These are negative-preference (NPO) weights: use them as the negative model of NPO guidance, "
