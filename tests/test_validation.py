@@ -152,6 +152,31 @@ def test_resume_with_validation_stays_exact_and_keeps_the_grids(tmp_path, tiny_s
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed precision per process unless reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_validation_scorer_with_options_and_bf16(tmp_path, tiny_sd, pickapic, fresh_accelerate_state):
+    """A scorer of `eval score` with its options (tiny random PickScore), on a bf16 LoRA run."""
+    from diffusion_po.eval.testing import build_tiny_models_root
+
+    root = build_tiny_models_root(tmp_path / "models")
+    cfg = write_config(tmp_path, tiny_sd, pickapic, max_train_steps=1, mixed_precision="bf16",
+                       validation_scorer="pickscore", validation_scorer_options={"models_root": str(root)},
+                       **VALIDATION)
+    assert main(["train", str(cfg)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "cfg" / "validation" / "scores.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(np.isfinite(r["validation/pickscore"]) for r in rows)
+    card = (tmp_path / "cfg" / "README.md").read_text()
+    assert "| validation/pickscore |" in card and "random test weights: pickscore scores mean nothing" in card
+
+
 @pytest.mark.parametrize("guidance", ["perp-neg", "npo"])
 def test_validation_guidance_is_any_of_ours(tmp_path, tiny_sd, pickapic, guidance):
     from diffusion_po.sampling import load_negative_network, load_sampling_pipeline

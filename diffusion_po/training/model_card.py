@@ -122,7 +122,10 @@ def card_text(cfg: TrainConfig, output_dir: Path, *, step: int, num_processes: i
 
     where, numbers = _eval_numbers(output_dir, validation.get("scores", {}) if validation else {})
     if numbers:
-        lines += ["## Evaluation", "", f"From {where}:", "", "| metric | value |", "|---|---|"]
+        lines += ["## Evaluation", "", f"From {where}:", ""]
+        if where == "the last validation round" and validation and validation.get("random_scorer"):
+            lines += [f"**The scorer has random test weights: {cfg.validation_scorer} scores mean nothing here.**", ""]
+        lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_value(v)} |" for k, v in numbers.items()]
         lines.append("")
 

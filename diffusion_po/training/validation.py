@@ -126,7 +126,9 @@ class Validation:
         """What the model card shows of validation: prompts, the grids (relative links), the last scores."""
         base, latest = self.grids()
         out = self.trainer.output_dir
+        random = self._scorer is not None and bool(self._scorer.info().get("random_weights"))
         return {"prompts": [prompt for prompt, _ in self.prompts], "scores": dict(self.last_scores),
+                "random_scorer": random,
                 "base": base.relative_to(out).as_posix() if base else None,
                 "latest": latest.relative_to(out).as_posix() if latest else None,
                 "latest_step": int(latest.stem.split("-")[1]) if latest else None}
