@@ -141,12 +141,12 @@ def test_resume_with_validation_stays_exact_and_keeps_the_grids(tmp_path, tiny_s
     base = (out / "validation" / "step-0.png").stat().st_mtime_ns
     # resume from checkpoint-1: steps 2 and 3 are trained again, step 0 is not sampled again
     (out / "checkpoint-2").rename(tmp_path / "moved-away")
-    assert main(["train", str(first), "--resume", "--set", "max_train_steps=3"]) == 0
+    assert main(["train", str(first), "--resume", "--set", "max_train_steps=3", "--set", "validation_steps=3"]) == 0
     assert (out / "validation" / "step-0.png").stat().st_mtime_ns == base
-    assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
-        "step-0.png", "step-1.png", "step-2.png", "step-3.png"]
+    # the undone step-2 round is gone (validation_steps is now 3), the rounds before the resume stay
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-0.png", "step-1.png", "step-3.png"]
     steps = [json.loads(line)["step"] for line in (out / "validation" / "scores.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]
+    assert steps == [0, 1, 3]
     a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
     b = load_file(out / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -22,7 +22,7 @@ import torch
 
 from diffusion_po.config import PROMPT_FILE_SUFFIXES, TrainConfig
 from diffusion_po.errors import ConfigError
-from diffusion_po.training import run_folder
+from diffusion_po.training import model_card, run_folder
 
 if TYPE_CHECKING:
     from diffusion_po.families import Family
@@ -98,7 +98,10 @@ class Validation:
         self.is_main = trainer.accelerator.is_main_process
         if self.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.scores_log.trim(trainer.state.step)  # the rows of steps a resume undoes
+            self.scores_log.trim(trainer.state.step)  # the rows and grids of steps a resume undoes
+            for grid in self.folder.glob("step-*.png"):
+                if int(grid.stem.split("-")[1]) > trainer.state.step:
+                    grid.unlink()
             rows = self.scores_log.rows()
             if rows:
                 self.last_scores = {k: v for k, v in rows[-1].items() if k != "step"}
@@ -153,8 +156,6 @@ class Validation:
                 net.train(was_training)
         scores = self._score(images)
         self._write(step, images, scores)
-        from diffusion_po.training import model_card
-
         model_card.write_for_run(trainer, self, finished=False)
 
     @contextlib.contextmanager
