@@ -67,6 +67,25 @@ class DataConfig:
 
 
 @dataclass
+class ValidationGuidance:
+    """The sampler of validation images: `diffusion_po.sampling.generate`'s settings."""
+
+    name: str = "cfg"
+    """cfg, perp-neg, npo (or composable)."""
+    scale: float | None = None
+    """Guidance scale; None = the family's usual one (7.5 for SD, 5 for SDXL, ...)."""
+    rescale: float = 0.0
+    negative_prompt: str | list[str] | None = None
+    """Negative prompts, "text" or "text:weight" each (Perp-Neg weights, `diffusion-po sample` syntax)."""
+    steps: int | None = None
+    """Denoising steps; None = the family's default."""
+    scheduler: str | None = None
+    """A scheduler short name or diffusers class (as `diffusion-po sample --scheduler`); None = the pipeline's."""
+    negative_model: str | None = None
+    """npo: the negative model, an NPO LoRA (file or folder, put on the base model) or a network folder."""
+
+
+@dataclass
 class TrainConfig:
     """A training run. Defaults follow the Diffusion-DPO repository where it has one."""
 
@@ -154,6 +173,34 @@ class TrainConfig:
     report_to: str = "tensorboard"
     """tensorboard, wandb, all, or none."""
     logging_dir: str = "logs"
+    """The trackers' folder, relative to output_dir (or absolute); tensorboard writes under
+    `<logging_dir>/<tracker_project_name>/`."""
+    tracker_project_name: str = "diffusion-po"
+    """The project name given to accelerate's `init_trackers` (the wandb project, the tensorboard run folder)."""
+
+    # --- validation images during training (docs/training.md, "Validation images and model card")
+    validation_prompts: str | list[str] | None = None
+    """Prompts sampled during training: a list, or a .txt (one prompt a line) / .jsonl prompt file (as
+    `diffusion-po sample`); None turns validation off."""
+    validation_steps: int = 500
+    """Sample the validation prompts every this many optimizer steps (and at step 0 and at the end)."""
+    num_validation_images: int = 2
+    """Images per validation prompt; image j of every prompt has seed validation_seed + j, at every step."""
+    validation_seed: int = 0
+    validation_guidance: ValidationGuidance = field(default_factory=ValidationGuidance)
+    """How validation images are sampled (a section, or just the name: `validation_guidance: perp-neg`)."""
+    validation_scorer: str | None = None
+    """A scorer of `diffusion-po eval score` (pickscore, hps_v2.1, clip, aesthetic, toy, ...): the mean over
+    the validation images is logged as `validation/<scorer>`."""
+    validation_scorer_options: dict[str, Any] = field(default_factory=dict)
+    """The scorer's options (`checkpoint`, `models_root`, ...), as `--checkpoint NAME.OPTION=VALUE` of eval score."""
+
+    # --- the model card and the hub
+    push_to_hub: bool = False
+    """At the end, upload output_dir (without checkpoints) to the hub repo `hub_model_id`; offline or without
+    a token the run ends with an error after everything is saved."""
+    hub_model_id: str | None = None
+    """The hub repo (`user/name`); None = the output_dir's folder name under your account."""
     save_full_pipeline: bool = False
     """Full fine-tunes: also write the whole pipeline (model_index.json, vae/, text_encoder/, ...)."""
 
@@ -205,6 +252,8 @@ class TrainConfig:
     @classmethod
     def prepare_keys(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
         """Move the top-level spellings of method settings (METHOD_KEY_ALIASES) under `method_options`."""
+        if isinstance(data.get("validation_guidance"), str):  # the shorthand `validation_guidance: perp-neg`
+            data = {**data, "validation_guidance": {"name": data["validation_guidance"]}}
         given = [k for k in METHOD_KEY_ALIASES if k in data]
         options = data.get("method_options")
         if not given or not (options is None or isinstance(options, dict)):
@@ -325,6 +374,7 @@ def validate(cfg: TrainConfig, source: str) -> None:
         family_options_of(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    _check_validation(cfg, source)
     resolve_method_options(cfg, source)
     _check_shared_error_path(cfg, source)
 
@@ -366,6 +416,48 @@ def family_options_of(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError(f"key 'max_sequence_length' is set twice, {cfg.max_sequence_length!r} at the top level "
                               f"and {given!r} under family_options; keep one")
     return options
+
+
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+"""A `validation_prompts` string ending so is a prompt file; any other string is one prompt."""
+
+
+def _check_validation(cfg: TrainConfig, source: str) -> None:
+    """The validation keys, before any model loads: counts, the guidance and scorer names, the files."""
+    if cfg.validation_prompts is None:
+        return
+    for key in ("validation_steps", "num_validation_images"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{source}: key '{key}' must be positive, got {getattr(cfg, key)}")
+    if cfg.validation_prompts == [] or cfg.validation_prompts == "":
+        raise ConfigError(f"{source}: key 'validation_prompts' is empty; give prompts, a prompt file, or null")
+    prompts = cfg.validation_prompts
+    if isinstance(prompts, str) and prompts.lower().endswith(PROMPT_FILE_SUFFIXES) and not Path(prompts).is_file():
+        raise ConfigError(f"{source}: key 'validation_prompts': prompt file '{prompts}' does not exist")
+    from diffusion_po.guidance import GUIDANCE_METHODS, make_guidance
+
+    g = cfg.validation_guidance
+    try:
+        guidance = make_guidance(g.name)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: key 'validation_guidance.name': {exc}") from None
+    g.name = guidance.name
+    if guidance.requires_negative_model and not g.negative_model:
+        raise ConfigError(f"{source}: validation_guidance '{g.name}' needs validation_guidance.negative_model "
+                          "(an NPO LoRA or a negative network folder)")
+    if g.negative_model and not guidance.requires_negative_model:
+        raise ConfigError(f"{source}: validation_guidance.negative_model is read by 'npo' guidance only, not "
+                          f"'{g.name}' ({', '.join(GUIDANCE_METHODS)})")
+    if g.steps is not None and g.steps <= 0:
+        raise ConfigError(f"{source}: key 'validation_guidance.steps' must be positive, got {g.steps}")
+    if cfg.validation_scorer is not None:
+        from diffusion_po.errors import UserError
+        from diffusion_po.eval.scorers import canonical_name
+
+        try:
+            cfg.validation_scorer = canonical_name(cfg.validation_scorer)
+        except UserError as exc:
+            raise ConfigError(f"{source}: key 'validation_scorer': {exc}") from None
 
 
 def resolve_method_options(cfg: TrainConfig, source: str) -> None:

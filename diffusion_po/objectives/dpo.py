@@ -76,9 +76,24 @@ def loss(
         "raw_model_loss": (0.5 * (err_w.float().mean() + err_l.float().mean())).detach(),
         "ref_loss": (0.5 * (ref_err_w.float().mean() + ref_err_l.float().mean())).detach(),
     }
+    metrics.update(trl_reward_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, z))
     if sft_weight:
         metrics["sft_loss"] = sft_term.detach()
     return total, metrics
+
+
+def trl_reward_metrics(err_w, err_l, ref_err_w, ref_err_l, beta: float, z: torch.Tensor) -> Metrics:
+    """TRL's DPO metric names for the implicit rewards r = -(beta/2)(err - ref_err) of winner and loser
+    (their difference is z): `rewards/chosen`, `rewards/rejected`, `rewards/margins` (= reward_margin) and
+    `rewards/accuracies` (the share of pairs with z > 0; ties count 0, as in TRL)."""
+    chosen = -0.5 * beta * (err_w.float() - ref_err_w.float())
+    rejected = -0.5 * beta * (err_l.float() - ref_err_l.float())
+    return {
+        "rewards/chosen": chosen.mean().detach(),
+        "rewards/rejected": rejected.mean().detach(),
+        "rewards/margins": z.mean().detach(),
+        "rewards/accuracies": (z > 0).float().mean().detach(),
+    }
 
 
 @register_method

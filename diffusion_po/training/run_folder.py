@@ -26,7 +26,7 @@ from diffusion_po.errors import ConfigError, UserError
 LOCK_FILE = ".lock"
 HISTORY_FILE = "resume_history.jsonl"
 RUN_FILES = ("config.yaml", "metrics.jsonl", HISTORY_FILE)
-OUTPUT_ENTRIES = ("pytorch_lora_weights.safetensors", "unet", "transformer", "model_index.json")
+OUTPUT_ENTRIES = ("pytorch_lora_weights.safetensors", "unet", "transformer", "model_index.json", "validation")
 
 # keys whose change makes the checkpoint mean something else: resume refuses them
 MEANING_KEYS = ("method", "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision",

@@ -38,7 +38,7 @@ from diffusion_po.families import Conditioning, Family, compile_regions, cond_to
 from diffusion_po.families.base import raise_compile_limits
 from diffusion_po.objectives import Method, get_method_class
 from diffusion_po.training import checkpoint as ckpt
-from diffusion_po.training import run_folder
+from diffusion_po.training import model_card, run_folder, validation
 
 logger = logging.getLogger("diffusion_po.train")
 
@@ -515,13 +515,18 @@ class Trainer:
         if acc.is_main_process:  # only once the data is there: a run that cannot start leaves no run behind
             save_config(cfg, self.output_dir / "config.yaml")
         if cfg.report_to != "none":
-            acc.init_trackers("diffusion-po", config=_flat_scalars(to_dict(cfg)))
+            acc.init_trackers(cfg.tracker_project_name, config=_flat_scalars(to_dict(cfg)))
+        warning = model_card.push_warning(cfg)
+        if warning and acc.is_main_process:
+            logger.warning(warning)
+            acc.print(f"WARNING: {warning}")
         if acc.is_main_process:
             rows = f"{data.num_rows} rows" if data.num_rows is not None else "streaming"
             ties = f", {data.dropped_ties} ties dropped" if data.dropped_ties else ""
             acc.print(f"data: {data.source} ({rows}{ties}); method {cfg.method}; "
                       f"{'LoRA r=' + str(cfg.rank) if cfg.use_lora else 'full fine-tune'}; "
                       f"effective batch {cfg.train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes}")
+        self.validation = validation.start(self)  # a fresh run: the base model's images (step 0)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_train_steps, initial=self.state.step, desc="train",
@@ -576,6 +581,8 @@ class Trainer:
             bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc") if k in logs})
             if self.state.step % cfg.checkpointing_steps == 0 or self.state.step == cfg.max_train_steps:
                 self.save_checkpoint()
+            if self.validation is not None and self.validation.due(self.state.step):
+                self.validation.run(self.state.step)
             if os.environ.get("DIFFUSION_PO_DIE_AFTER_STEP") == str(self.state.step):
                 os._exit(137)  # for tests: dies like a SIGKILL, without any clean-up
         bar.close()
@@ -583,10 +590,13 @@ class Trainer:
             raise DataError(f"{data.source}: the data ran out after {self.state.step} steps")
         elapsed = time.perf_counter() - started
         self.save_final()
+        model_card.write_for_run(self, self.validation)
         if acc.is_main_process:
             acc.print(f"done: {self.state.step} steps in {elapsed:.1f}s; skipped {self.state.bad_rows} bad rows, "
                       f"{self.state.nonfinite_total} non-finite steps; outputs in {self.output_dir}")
         acc.end_training()
+        if cfg.push_to_hub and acc.is_main_process:  # last: an upload that fails loses nothing
+            acc.print(f"pushed to the hub: {model_card.push_to_hub(self.output_dir, cfg.hub_model_id)}")
         return self.output_dir
 
     def build_data(self, count_only: bool = False):
