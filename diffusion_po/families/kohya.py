@@ -249,11 +249,11 @@ def export_lora(src: str | Path, out: str | Path, fmt: str = "kohya", family: st
     """Write the LoRA at `src` (a folder or .safetensors file) to `out` in `fmt` (kohya or diffusers)."""
     from safetensors.torch import save_file
 
-    state, header = read_lora(src)
-    file = str(lora_file(src))
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out '{out}': give a .safetensors file name")
+    state, header = read_lora(src)
+    file = str(lora_file(src))
     if fmt == "kohya":
         tensors = to_kohya(state, header, family, file)
         meta = {"format": "pt", "ss_network_module": "networks.lora"}
