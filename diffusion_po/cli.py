@@ -10,7 +10,7 @@ import sys
 from diffusion_po import __version__
 
 # verb -> module under diffusion_po.commands
-VERBS = ["train", "sample", "eval", "bench", "data", "toy", "npo", "configs", "env"]
+VERBS = ["train", "sample", "eval", "bench", "data", "toy", "npo", "export", "configs", "env"]
 
 
 

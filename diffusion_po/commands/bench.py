@@ -14,7 +14,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from diffusion_po.bench.runner import CASES
+    from diffusion_po.bench.cases import CASES
 
     parser = sub.add_parser(
         "bench", help="benchmark training and sampling against the reference recipes (pairs/s, memory, MFU)",

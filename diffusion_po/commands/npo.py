@@ -20,18 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from diffusion_po.errors import ModelLoadError, UserError
 
+if TYPE_CHECKING:  # torch loads when a function runs: `diffusion-po npo --help` stays fast
+    import torch
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: names of the output dtypes (`diffusion_po.sampling.api.DTYPES` maps them to torch dtypes)
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
 # ----------------------------------------------------------------------------- arithmetic
-@torch.no_grad()
 def merge_state_dicts(
     positive: dict[str, torch.Tensor],
     npo: dict[str, torch.Tensor],
@@ -53,16 +54,19 @@ def merge_state_dicts(
                 f"{len(missing)} keys missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}); "
                 "are they for the same architecture?"
             )
+    import torch
+
     out = {}
-    for key, pos in positive.items():
-        if not pos.is_floating_point():
-            out[key] = pos
-            continue
-        if npo[key].shape != pos.shape or base[key].shape != pos.shape:
-            raise ModelLoadError(f"shape mismatch at '{key}': positive {tuple(pos.shape)}, "
-                                 f"NPO {tuple(npo[key].shape)}, base {tuple(base[key].shape)}")
-        p, n, b = pos.float(), npo[key].float(), base[key].float()
-        out[key] = p + npo_scale * (n - b) - alpha * (p - b)
+    with torch.no_grad():
+        for key, pos in positive.items():
+            if not pos.is_floating_point():
+                out[key] = pos
+                continue
+            if npo[key].shape != pos.shape or base[key].shape != pos.shape:
+                raise ModelLoadError(f"shape mismatch at '{key}': positive {tuple(pos.shape)}, "
+                                     f"NPO {tuple(npo[key].shape)}, base {tuple(base[key].shape)}")
+            p, n, b = pos.float(), npo[key].float(), base[key].float()
+            out[key] = p + npo_scale * (n - b) - alpha * (p - b)
     return out
 
 
@@ -153,9 +157,10 @@ def merge_npo(
 ) -> Path:
     """Compute theta^- and write it to `output/<unet|transformer>` (and the pipeline with `save_pipeline`)."""
     from diffusion_po.families import family_class_for, load_pipeline, network_of
+    from diffusion_po.sampling.api import DTYPES
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")
     output = Path(output)
     pipe = load_pipeline(base)
     name, network = family_class_for(pipe).network_name, network_of(pipe)
@@ -214,7 +219,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--positive", help="the positive model theta^+ (pipeline, model or LoRA folder); default: the base")
     merge.add_argument("--alpha", type=float, default=0.0, help="merge weight alpha (reference default 0)")
     merge.add_argument("--npo-scale", type=float, default=1.0, help="scale s of the NPO delta (default 1)")
-    merge.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    merge.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the written weights")
     merge.add_argument("--save-pipeline", action="store_true",
                        help="write the whole pipeline (the positive model's components with the negative network)")
     merge.add_argument("--output", "-o", required=True, help="output folder")

@@ -22,8 +22,6 @@ import argparse
 import hashlib
 import io
 import os
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +78,9 @@ class _Unreachable(Exception):
 
 def _fetch(url: str, target: Path, timeout: float) -> None:
     """Download `url` to `target` atomically, checking that it is an image."""
+    import urllib.error  # here, not at the top: `diffusion-po --help` stays fast
+    import urllib.request
+
     from PIL import Image, UnidentifiedImageError
 
     request = urllib.request.Request(url, headers={"User-Agent": "diffusion-po data download"})
