@@ -73,7 +73,7 @@ CAP_ENV = "DIFFUSION_PO_STAGE_CAP_S"
 
 
 def stage_names() -> list[str]:
-    from diffusion_po.bench.runner import CASES
+    from diffusion_po.bench.cases import CASES
 
     return list(DEFAULT_STAGES) + [c for c in CASES if c not in STAGE_CASE.values() and c not in DEFAULT_STAGES]
 
