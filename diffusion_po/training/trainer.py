@@ -745,8 +745,8 @@ class Trainer:
             ckpt.write_manifest(tmp)
             ckpt.commit(self.output_dir, step)
             ckpt.rotate(self.output_dir, self.cfg.checkpoints_total_limit)
-            logger.info("checkpoint-%d: training paused %.3fs for the host copy (%.2f GiB); written in the "
-                        "background in %.2fs", step, paused, self._host_copy.nbytes / 2**30,
+            logger.info("checkpoint-%d: training paused %.3fs (the small files, the host copy of %.2f GiB); "
+                        "written in the background in %.2fs", step, paused, self._host_copy.nbytes / 2**30,
                         time.perf_counter() - begun)
 
         self._writer.start(tmp, write)
