@@ -217,3 +217,25 @@ def test_channels_last_checkpoints_save_and_resume(tmp_path, tiny_sd, asynchrono
     moments = resumed.optimizer.state_dict()["state"]
     conv = next(i for i, p in enumerate(resumed.optimizer.param_groups[0]["params"]) if p.dim() == 4)
     assert moments[conv]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host copies of CUDA tensors")
+def test_channels_last_host_copy_on_cuda_precedes_later_updates():
+    """The asynchronous checkpoint's host copy: pinned, channels-last strides kept, queued on the stream
+    without the host waiting, and ordered before an in-place update issued right after it."""
+    from diffusion_po.training.async_checkpoint import HostCopier
+
+    weight = torch.randn(64, 32, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
+    moments = {"step": torch.tensor(3.0, device="cuda"), "exp_avg": torch.randn(4096, 1024, device="cuda")}
+    expected = (weight.cpu(), moments["exp_avg"].cpu())
+    copier = HostCopier()
+    copier.begin()
+    out = copier.copy({"w": weight, "opt": moments})
+    events = copier.done()
+    weight.mul_(0.0)  # the next optimizer step, queued behind the copies
+    moments["exp_avg"].add_(1.0)
+    for event in events:
+        event.synchronize()
+    assert out["w"].is_pinned() and out["w"].stride() == weight.stride()
+    assert torch.equal(out["w"], expected[0]) and torch.equal(out["opt"]["exp_avg"], expected[1])
+    assert float(out["opt"]["step"]) == 3.0
