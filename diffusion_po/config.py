@@ -163,6 +163,10 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     """How many checkpoints to keep (the newest); null keeps all."""
+    async_checkpointing: bool | None = None
+    """Write checkpoints in the background: the state is copied to (pinned) host memory, training goes on,
+    and the files, manifest and commit follow in a thread; None = on with CUDA, off on CPU. Needs host RAM
+    for one copy of the checkpointed state (kept between checkpoints)."""
     resume_from_checkpoint: str | None = None
     """A checkpoint folder, or `latest` for the newest good `output_dir/checkpoint-N` (verified)."""
     overwrite_output_dir: bool = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -75,6 +77,22 @@ def test_shipped_configs_validate(name):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     cfg = load_train_config(path)
     assert cfg.method == "dpo"
+
+
+RECIPES = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+                 if not p.name.startswith("toy_"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipes_keep_the_fast_path(name):
+    """No GPU recipe turns a speed switch off (each one's default is the fast path on CUDA; docs/performance.md)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = load_train_config(path)
+    fast = {"compile": "auto", "channels_last": None, "fused_optimizer": None, "reference_inference_mode": True,
+            "prefetch_to_device": True, "dataloader_num_workers": None, "async_checkpointing": None,
+            "frozen_weights_in_weight_dtype": True, "encoders_on_device": None, "allow_tf32": True,
+            "enable_xformers_memory_efficient_attention": False}
+    assert {k: getattr(cfg, k) for k in fast} == fast
 
 
 # --- method settings: each lives in its method's Options; top-level spellings are aliases

@@ -187,24 +187,54 @@ def test_device_prefetcher_moves_batches():
     assert not out[0]["original_sizes"].is_cuda
 
 
-def test_channels_last_checkpoints_save_and_resume(tmp_path, tiny_sd):
-    """Channels-last weights are not contiguous (safetensors refuses such tensors): checkpoints, resume
-    and the final diffusers folder still restore them exactly, in channels-last."""
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_channels_last_checkpoints_save_and_resume(tmp_path, tiny_sd, asynchronous):
+    """Channels-last weights are not contiguous (safetensors refuses such tensors): checkpoints (also written
+    from the host copy), resume and the final diffusers folder still restore them exactly, in channels-last,
+    and the optimizer's moments too."""
     from diffusers import UNet2DConditionModel
 
-    keys = {**PLAIN, "channels_last": True}
+    keys = {**PLAIN, "channels_last": True, "async_checkpointing": asynchronous}
     trainer = _trainer(tmp_path, tiny_sd, "out", **keys)
     (tmp_path / "out").mkdir()
     assert trainer.unwrapped.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     trainer.train_step(_batch())
     trainer.state.step = 1
     folder = trainer.save_checkpoint()
+    trainer.wait_for_checkpoint()
     trainer.save_final()
     trained = {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").state_dict()
+    in_checkpoint = UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()  # its loadable copy
     resumed = _trainer(tmp_path, tiny_sd, "out", **keys)
     resumed.accelerator.load_state(str(folder))
     for k, v in resumed.unwrapped.state_dict().items():
         torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
         torch.testing.assert_close(saved[k], trained[k], rtol=0, atol=0)
+        torch.testing.assert_close(in_checkpoint[k], trained[k], rtol=0, atol=0)
     assert resumed.unwrapped.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    moments = resumed.optimizer.state_dict()["state"]
+    conv = next(i for i, p in enumerate(resumed.optimizer.param_groups[0]["params"]) if p.dim() == 4)
+    assert moments[conv]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host copies of CUDA tensors")
+def test_channels_last_host_copy_on_cuda_precedes_later_updates():
+    """The asynchronous checkpoint's host copy: pinned, channels-last strides kept, queued on the stream
+    without the host waiting, and ordered before an in-place update issued right after it."""
+    from diffusion_po.training.async_checkpoint import HostCopier
+
+    weight = torch.randn(64, 32, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
+    moments = {"step": torch.tensor(3.0, device="cuda"), "exp_avg": torch.randn(4096, 1024, device="cuda")}
+    expected = (weight.cpu(), moments["exp_avg"].cpu())
+    copier = HostCopier()
+    copier.begin()
+    out = copier.copy({"w": weight, "opt": moments})
+    events = copier.done()
+    weight.mul_(0.0)  # the next optimizer step, queued behind the copies
+    moments["exp_avg"].add_(1.0)
+    for event in events:
+        event.synchronize()
+    assert out["w"].is_pinned() and out["w"].stride() == weight.stride()
+    assert torch.equal(out["w"], expected[0]) and torch.equal(out["opt"]["exp_avg"], expected[1])
+    assert float(out["opt"]["step"]) == 3.0

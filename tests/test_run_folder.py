@@ -250,8 +250,9 @@ def test_a_row_that_cannot_be_written_whole_leaves_no_torn_line(tmp_path, monkey
                  "data/0: file write failed"),
     OSError(errno.ENOSPC, "No space left on device"),
 ])
+@pytest.mark.parametrize("asynchronous", [False, True])
 def test_full_disk_during_a_checkpoint_is_one_message_and_leaves_no_partial(tmp_path, tiny_sd, clean_data,
-                                                                            monkeypatch, error):
+                                                                            monkeypatch, error, asynchronous):
     import accelerate.checkpointing
 
     from diffusion_po.training.trainer import TrainingError, train
@@ -266,7 +267,8 @@ def test_full_disk_during_a_checkpoint_is_one_message_and_leaves_no_partial(tmp_
 
     monkeypatch.setattr(accelerate.checkpointing, "save", save_until_full)
     out = tmp_path / "out"
-    cfg = load_train_config(lora_config(tmp_path, tiny_sd, clean_data, max_train_steps=2, checkpointing_steps=1))
+    cfg = load_train_config(lora_config(tmp_path, tiny_sd, clean_data, max_train_steps=2, checkpointing_steps=1,
+                                        async_checkpointing=asynchronous))  # (async: raised at the next wait)
     with pytest.raises(TrainingError) as info:
         train(cfg)
     message = str(info.value)

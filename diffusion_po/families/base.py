@@ -12,7 +12,8 @@ guided sampler (training and sampling alike) only ever call:
   network forward of training and sampling
 - `default_size()`, `sampling_timesteps(...)`, `prepare_latents(...)`, `scale_model_input(x, t)`,
   `scheduler_step_kwargs(...)` (the stock pipeline's own parts, as its `__call__` uses them)
-- `save_lora(folder, network)` (with the LoRA config and the family name; see `check_lora_family`)
+- `save_lora(folder, network)` (with the LoRA config and the family name; see `check_lora_family`),
+  `lora_state_dict(network)`
 
 `network_of(pipe)` and `family_class_for(pipe)` are the only places that decide which family a pipeline
 is and which network it has.
@@ -402,13 +403,20 @@ class Family:
         return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
     # ----------------------------------------------------------------- saving
-    def save_lora(self, folder: str | Path, network: torch.nn.Module | None = None) -> None:
-        """Write `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(folder)` accepts."""
+    def lora_state_dict(self, network: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The network's LoRA weights under the names `save_lora` writes."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(network if network is not None else self.network))
+
+    def save_lora(self, folder: str | Path, network: torch.nn.Module | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(folder)` accepts; `state`: weights
+        from `lora_state_dict` (e.g. a host copy taken earlier) instead of the network's current ones."""
         network = network if network is not None else self.network
-        self._write_lora(folder, network, convert_state_dict_to_diffusers(get_peft_model_state_dict(network)))
+        state = state if state is not None else self.lora_state_dict(network)
+        self._write_lora(folder, network, state)
 
     def _write_lora(self, folder: str | Path, network: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Save `state` with the adapter's LoraConfig as diffusers' training examples do

@@ -99,8 +99,7 @@ class StableDiffusion3Family(Family):
         return {"mu": calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                       cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))}
 
-    def save_lora(self, folder, network=None) -> None:
+    def lora_state_dict(self, network=None) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        network = network if network is not None else self.network
-        self._write_lora(folder, network, get_peft_model_state_dict(network))
+        return get_peft_model_state_dict(network if network is not None else self.network)

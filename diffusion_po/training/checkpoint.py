@@ -78,17 +78,25 @@ def resolve_resume(output_dir: str | Path, resume: str | None,
     return path
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, sync: bool = False) -> str:
+    """The file's sha256; with `sync` its data is also flushed to the disk (fsync)."""
     with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        if sync:
+            os.fsync(fh.fileno())
+        return digest
 
 
 def write_manifest(folder: str | Path) -> None:
-    """List every file of a finished (not yet committed) checkpoint with its size and sha256."""
+    """List every file of a finished (not yet committed) checkpoint with its size and sha256, each file flushed
+    to the disk first, so that a committed checkpoint also survives a power cut."""
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    with (folder / MANIFEST).open("w") as fh:
+        fh.write(json.dumps({"files": files}, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def verify(folder: str | Path) -> str | None:
@@ -156,6 +164,11 @@ def commit(output_dir: str | Path, step: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)  # the rename itself, on the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return final
 
 

@@ -37,8 +37,8 @@ from diffusion_po.errors import ConfigError, DataError, UserError
 from diffusion_po.families import Conditioning, Family, compile_regions, cond_to, load_family
 from diffusion_po.families.base import raise_compile_limits
 from diffusion_po.objectives import Method, get_method_class
+from diffusion_po.training import async_checkpoint, model_card, run_folder, validation
 from diffusion_po.training import checkpoint as ckpt
-from diffusion_po.training import model_card, run_folder, validation
 
 logger = logging.getLogger("diffusion_po.train")
 
@@ -341,12 +341,25 @@ class Trainer:
         self.compile_error: str | None = None
         self._compile_fallback_pending = cfg.compile == "auto" and self.compiled != "none"
         self._last_commit_step = 0  # the step of the last checkpoint (or of the resume): the loss-spike window
+        self.async_checkpoints = self._want_async_checkpoints()
+        self._host_copy = async_checkpoint.HostCopier()
+        self._writer = async_checkpoint.BackgroundWriter()
         self.accelerator.register_for_checkpointing(self.state)
         self.context = Context(self)
         self.config_source = config_source
         setup = getattr(self.method, "setup", None)
         if callable(setup):
             setup(self.context)
+
+    def _want_async_checkpoints(self) -> bool:
+        """`async_checkpointing`, or its default (on with CUDA), where the snapshot can stand for save_state."""
+        wanted = self.cfg.async_checkpointing
+        why_not = async_checkpoint.supported(self.accelerator)
+        if wanted and why_not:
+            raise ConfigError(f"async_checkpointing: true cannot be used here ({why_not}); set it to false or null")
+        if wanted is None:
+            return self.accelerator.device.type == "cuda" and why_not is None
+        return bool(wanted)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -480,6 +493,7 @@ class Trainer:
             self._main_decides(self._claim)
             return self._run()
         finally:
+            self._drain_writer()
             self._lock.release()
 
     def _run(self) -> Path:
@@ -589,6 +603,7 @@ class Trainer:
         if self.state.step < cfg.max_train_steps:
             raise DataError(f"{data.source}: the data ran out after {self.state.step} steps")
         elapsed = time.perf_counter() - started
+        self.wait_for_checkpoint()
         self.save_final()
         model_card.write_for_run(self, self.validation)
         if acc.is_main_process:
@@ -720,17 +735,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path | None:
+        """Write `checkpoint-STEP` (on the main process returns its path). With `async_checkpoints` the state is
+        copied to host memory and written, checksummed and committed in the background: the path holds the
+        checkpoint once `wait_for_checkpoint` returned (the next checkpoint and the end of training wait)."""
         acc = self.accelerator
         step = self.state.step
+        self.wait_for_checkpoint()  # one write at a time; its host buffers are reused below
         self.check_before_commit()
         tmp = ckpt.temporary_dir(self.output_dir, step)
         self.state.generator_state = self.context.generator.get_state()
         self.state.host_generator_state = self.context.host_generator.getstate()
         self.state.method_state = self.method.state_dict()
+        if self.async_checkpoints:
+            return self._start_checkpoint(tmp, step)
         with self._disk_full_stops(tmp):
             acc.save_state(str(tmp))  # (accelerate makes channels-last weights contiguous for safetensors)
             if acc.is_main_process:
-                self._write_weights(tmp)
+                self._write_weights(tmp, self._loadable_state())
                 save_config(self.cfg, tmp / "config.yaml")  # what the checkpoint means, for a resume to compare
         acc.wait_for_everyone()
         final = None
@@ -742,6 +763,58 @@ class Trainer:
         self._last_commit_step = step
         acc.wait_for_everyone()
         return final
+
+    def _start_checkpoint(self, tmp: Path, step: int) -> Path | None:
+        """The asynchronous checkpoint: every process writes its small files now (RNG states, scaler); the main
+        process copies the rest to host memory and hands the write, manifest, commit and rotation to a thread."""
+        acc = self.accelerator
+        paused = time.perf_counter()
+        with self._disk_full_stops(tmp):
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left of this step
+            acc.wait_for_everyone()
+            async_checkpoint.write_small_state(acc, tmp)
+            if acc.is_main_process:
+                save_config(self.cfg, tmp / "config.yaml")
+        acc.wait_for_everyone()  # every process's files are in: the main process commits alone
+        self._last_commit_step = step
+        if not acc.is_main_process:
+            return None
+        snap = async_checkpoint.AcceleratorSnapshot.take(acc, self._host_copy, extra=self._loadable_state())
+        paused = time.perf_counter() - paused
+
+        def write() -> None:
+            begun = time.perf_counter()
+            snap.write(tmp)
+            self._write_weights(tmp, snap.extra)
+            ckpt.write_manifest(tmp)
+            ckpt.commit(self.output_dir, step)
+            ckpt.rotate(self.output_dir, self.cfg.checkpoints_total_limit)
+            logger.info("checkpoint-%d: training paused %.3fs (the small files, the host copy of %.2f GiB); "
+                        "written in the background in %.2fs", step, paused, self._host_copy.nbytes / 2**30,
+                        time.perf_counter() - begun)
+
+        self._writer.start(tmp, write)
+        return self.output_dir / f"checkpoint-{step}"
+
+    def wait_for_checkpoint(self) -> None:
+        """Let the checkpoint being written in the background finish; its failure (a full disk: the same
+        one-line message as a synchronous write) stops the run here, on every process."""
+        if self.async_checkpoints:
+            self._main_decides(self._finish_write)
+
+    def _finish_write(self) -> None:
+        if self._writer.busy:
+            with self._disk_full_stops(self._writer.folder):
+                self._writer.wait()
+
+    def _drain_writer(self) -> None:
+        """At the end of a run, also one that failed: the background write finishes (reported, not raised,
+        so that the run's own error stays the one shown) before the run folder's lock goes."""
+        try:
+            self._finish_write()
+        except Exception as exc:
+            logger.error("the checkpoint written in the background failed: %s", exc)
 
     def check_before_commit(self) -> None:
         """Refuse to checkpoint an exploded run: non-finite trained weights, or a loss spike (the median loss
@@ -794,13 +867,24 @@ class Trainer:
         trained = sum(p.numel() * 4 for p in net.parameters() if p.requires_grad)
         return every + trained * (3 + (1 if self.ema is not None else 0))
 
-    def _write_weights(self, folder: Path) -> None:
-        """Loadable weights next to the accelerate state: the LoRA file, or the network in diffusers format."""
+    def _loadable_state(self) -> dict[str, torch.Tensor]:
+        """What `_write_weights` writes: the LoRA weights (diffusers names), or the network's state dict."""
         net = self.unwrapped
+        return self.family.lora_state_dict(net) if self.cfg.use_lora else net.state_dict()
+
+    def _write_weights(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        """Loadable weights next to the accelerate state, from `state` (`_loadable_state`, live or a host copy):
+        the LoRA file, or the network in diffusers format (config.json and safetensors as save_pretrained)."""
         if self.cfg.use_lora:
-            self.family.save_lora(folder, net)
-        else:
-            net.save_pretrained(folder / self.family.network_name)
+            self.family.save_lora(folder, state=state)
+            return
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+        from huggingface_hub import save_torch_state_dict
+
+        target = folder / self.family.network_name
+        self.unwrapped.save_config(target)
+        save_torch_state_dict(state, target, filename_pattern=SAFETENSORS_WEIGHTS_NAME.replace(".safetensors",
+                              "{suffix}.safetensors"), max_shard_size="10GB")
 
     def save_final(self) -> None:
         acc = self.accelerator
