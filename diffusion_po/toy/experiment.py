@@ -266,21 +266,30 @@ def remove_checkpoints(run: ToyRunConfig, selection: Selection) -> None:
             shutil.rmtree(c, ignore_errors=True)
 
 
-def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
-    """The whole main job; returns the results dictionary (also written to `out/results.json`)."""
+def prepare_run(run: ToyRunConfig) -> tuple[Path, Path, Any]:
+    """The start of every toy run: the thread count, the output folder, the base model (its folder and the
+    loaded pipeline)."""
     import torch
 
-    from diffusion_po.eval.stats import bootstrap_mean_ci
     from diffusion_po.toy.build import ensure_base
 
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
     if run.threads:
         torch.set_num_threads(run.threads)
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     base_path = ensure_base(run.model)
-    base = toy_pairs.load_pipeline(base_path)
+    return out, base_path, toy_pairs.load_pipeline(base_path)
+
+
+def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
+    """The whole main job; returns the results dictionary (also written to `out/results.json`)."""
+    import torch
+
+    from diffusion_po.eval.stats import bootstrap_mean_ci
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out, base_path, base = prepare_run(run)
 
     # 1. preference pairs from the base model on train prompts
     t0 = time.perf_counter()

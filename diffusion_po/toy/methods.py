@@ -59,10 +59,10 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
     from diffusion_po.sampling.negative import load_negative_network, load_npo_lora
     from diffusion_po.toy import oracle, world
     from diffusion_po.toy import pairs as toy_pairs
-    from diffusion_po.toy.build import ensure_base
     from diffusion_po.toy.experiment import (
         checkpoint_model,
         choose_and_test,
+        prepare_run,
         remove_checkpoints,
         sample_pairs,
         sampler,
@@ -71,12 +71,7 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base_path = ensure_base(run.model)
-    base = toy_pairs.load_pipeline(base_path)
+    out, base_path, base = prepare_run(run)
     run.config = run.config or method_config(method)
     if method in EXTRA_KEYS:
         run.overrides = [f"method={method}", *EXTRA_KEYS[method], *run.overrides]
