@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -241,15 +242,20 @@ def sample_spec(rng: random.Random) -> SceneSpec:
                               ShapeSpec(c2, rng.choice(SHAPES), rng.choice(list(SIZES)))))
 
 
+def jittered_rgb(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    """Palette colour `colour` with +-12 per channel of jitter (not in the caption)."""
+    r, g, b = (int(min(255, max(0, v + rng.randint(-12, 12)))) for v in COLOURS[colour])
+    return r, g, b
+
+
 def scene_from_spec(spec: SceneSpec, rng: random.Random) -> Scene:
     """Place `spec`'s shapes with small jitters (+-1.5 px position, +-0.5 px size, +-12 colour) and pick a background."""
     placed = []
     jitter = 1.5 if spec.layout == "single" else 1.0
     for s, (cx, cy) in zip(spec.shapes, spec.expected_centres()):
-        base = COLOURS[s.colour]
-        rgb = tuple(int(min(255, max(0, v + rng.randint(-12, 12)))) for v in base)
+        rgb = jittered_rgb(s.colour, rng)
         placed.append(PlacedShape(s, cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter),
-                                  SIZES[s.size] + rng.uniform(-0.5, 0.5), rgb))  # type: ignore[arg-type]
+                                  SIZES[s.size] + rng.uniform(-0.5, 0.5), rgb))
     return Scene(spec, tuple(placed), rng.choice(list(BACKGROUNDS)), rng.choice(TEXTURES), rng.randrange(2**31))
 
 
@@ -294,13 +300,13 @@ def shape_mask(shape: str, cx: float, cy: float, half: float, resolution: int = 
     return inside.reshape(resolution, ss, resolution, ss).mean(axis=(1, 3))
 
 
-def _background(scene: Scene, resolution: int) -> np.ndarray:
-    base = np.array(BACKGROUNDS[scene.background], dtype=np.float64)
+def _background(background: str, texture: str, texture_seed: int, resolution: int) -> np.ndarray:
+    base = np.array(BACKGROUNDS[background], dtype=np.float64)
     img = np.broadcast_to(base, (resolution, resolution, 3)).copy()
-    rng = np.random.default_rng(scene.texture_seed)
-    if scene.texture == "noise":
+    rng = np.random.default_rng(texture_seed)
+    if texture == "noise":
         img += rng.normal(0.0, 5.0, size=(resolution, resolution, 1))
-    elif scene.texture == "stripes":
+    elif texture == "stripes":
         period = rng.uniform(5.0, 9.0)
         phase = rng.uniform(0, 2 * np.pi)
         yy, xx = np.mgrid[0:resolution, 0:resolution]
@@ -308,14 +314,22 @@ def _background(scene: Scene, resolution: int) -> np.ndarray:
     return img
 
 
+def paint(shapes: Sequence[tuple[str, float, float, float, tuple[int, int, int]]], background: str, texture: str,
+          texture_seed: int, resolution: int = RESOLUTION) -> np.ndarray:
+    """Shapes `(kind, cx, cy, half, rgb)` (32x32 pixel units) drawn in order over a background, as a float
+    array (H, W, 3) in [0, 255]; the one drawing routine of every toy world."""
+    img = _background(background, texture, texture_seed, resolution)
+    scale = resolution / RESOLUTION
+    for kind, cx, cy, half, rgb in shapes:
+        cov = shape_mask(kind, cx * scale, cy * scale, half * scale, resolution)[..., None]
+        img = img * (1 - cov) + np.array(rgb, dtype=np.float64) * cov
+    return np.clip(img, 0, 255)
+
+
 def render_array(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
     """The scene as a float array (H, W, 3) in [0, 255]."""
-    img = _background(scene, resolution)
-    scale = resolution / RESOLUTION
-    for p in scene.shapes:
-        cov = shape_mask(p.spec.shape, p.cx * scale, p.cy * scale, p.half * scale, resolution)[..., None]
-        img = img * (1 - cov) + np.array(p.rgb, dtype=np.float64) * cov
-    return np.clip(img, 0, 255)
+    shapes = [(p.spec.shape, p.cx, p.cy, p.half, p.rgb) for p in scene.shapes]
+    return paint(shapes, scene.background, scene.texture, scene.texture_seed, resolution)
 
 
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
@@ -346,7 +360,7 @@ def expert_images(captions: list[str], seed: int = 0) -> list[Image.Image]:
 __all__ = [
     "BACKGROUNDS", "COLOURS", "LAYOUTS", "POSITIONS", "RESOLUTION", "SHAPES", "SIZES", "SPLITS",
     "PlacedShape", "Scene", "SceneSpec", "ShapeSpec", "all_captions", "all_specs", "caption", "caption_split",
-    "expert_images", "held_out_prompts", "parse_caption", "perturb_caption", "perturb_spec", "render",
+    "expert_images", "held_out_prompts", "jittered_rgb", "paint", "parse_caption", "perturb_caption", "perturb_spec", "render",
     "render_array", "sample_dataset", "sample_scene", "sample_spec", "scene_for_caption", "scene_from_spec",
     "shape_mask", "split_captions", "train_prompts",
 ]
