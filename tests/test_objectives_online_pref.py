@@ -129,6 +129,9 @@ def test_options_are_checked(tiny_sd, data):
         load_train_config(None, [*base, "method=online_dpo", "method_options.samples_per_prompt=1"])
     with pytest.raises(ConfigError, match="reference"):
         load_train_config(None, [*base, "method=online_dpo", "method_options.reference=sometimes"])
+    with pytest.raises(ConfigError, match="rounds x steps_per_round"):
+        cfg = load_train_config(None, [*base, "method=curated", "method_options.rounds=3", "max_train_steps=10"])
+        get_method_class("curated")(cfg)
 
 
 # ----------------------------------------------------------------------------- through the trainer
@@ -268,3 +271,7 @@ def test_shipped_toy_configs_train_with_the_toy_oracle(tmp_path, tiny_sd, name):
     assert main(args) == 0
     (row,) = metrics_rows(tmp_path)
     assert np.isfinite(row["loss"]) and 0.0 <= row["reward_mean"] <= 1.0 and row["round"] == 1
+    # the oracle's parts, separately (a method that raises one part by breaking another shows it)
+    for part in ("toy_colour", "toy_shape", "toy_position", "toy_colour_ok"):
+        assert 0.0 <= row[f"reward/{part}"] <= 1.0
+        assert row[f"round/reward/{part}"] == pytest.approx(row[f"reward/{part}"])

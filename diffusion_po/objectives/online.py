@@ -105,6 +105,11 @@ class OnlineRounds:
         self.micro_step = 0
         self.round_sums: dict[str, float] = {}
         self._trainable: set[str] = set()
+        self.reward_parts: dict[str, tuple[float, float]] = {}
+        if self.config.data.format == "cache":
+            raise ConfigError(f"method {self.config.method} samples and decodes images during training: it needs "
+                              "the VAE and text encoders, so data.format cache is not supported; use the prompts "
+                              "(or images) files")
 
     @property
     def round_length(self) -> int:
@@ -160,8 +165,12 @@ class OnlineRounds:
         return starts
 
     def finish_micro_step(self, metrics: Metrics, sums: dict[str, tuple[float, float]]) -> Metrics:
-        """Adds `round`, and the round's running means `round/NAME` of `sums` (NAME -> (total, count)) so far,
-        to `metrics`; advances the micro-step."""
+        """Adds `round`, the reward's other parts of this micro-step (`reward/NAME`), and the round's running
+        means `round/NAME` of `sums` (NAME -> (total, count)) and of those parts so far, to `metrics`;
+        advances the micro-step."""
+        sums = {**sums, **self.reward_parts}
+        metrics.update({key: total / count for key, (total, count) in self.reward_parts.items()})
+        self.reward_parts = {}
         for key, (total, count) in sums.items():
             self.round_sums[key] = self.round_sums.get(key, 0.0) + total
             self.round_sums[key + "#n"] = self.round_sums.get(key + "#n", 0.0) + count
@@ -219,6 +228,9 @@ class OnlineRounds:
         images = ctx.family.decode(latents.flatten(0, 1).to(ctx.device), "pil")
         scores = self.reward_model.score_all(images, [p for p in prompts for _ in range(k)])
         metric = self.options.reward.metric or self.reward_model.primary
+        # the scorer's other metrics (e.g. the toy oracle's parts), over all samples: reward/NAME
+        self.reward_parts = {f"reward/{name}": (float(sum(values)), float(len(values)))
+                             for name, values in scores.items() if name != metric and values}
         return torch.tensor(scores[metric], dtype=torch.float32).reshape(n, k)
 
 
