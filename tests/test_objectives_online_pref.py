@@ -149,8 +149,14 @@ def test_curated_round_bookkeeping(tmp_path, tiny_sd, data):
     assert [r["round"] for r in rows] == [1, 1, 2, 2]
     assert all(r["real_fraction"] == 0.5 for r in rows)
     assert len(RednessReward.calls) == 4
-    for call in RednessReward.calls:  # one prompt, K = 3 samples of it
-        assert len(call) == 3 and len(set(call)) == 1 and call[0].startswith("a ")
+    from diffusion_po.config import load_train_config
+    from diffusion_po.data import build_train_data
+
+    train_cfg = load_train_config(cfg)
+    loader = iter(build_train_data(train_cfg.data, 32, 2, 0, 1, train_cfg.seed).loader)
+    for call in RednessReward.calls:  # K = 3 samples of the batch's second caption (the first row is real)
+        captions = next(loader)["captions"]
+        assert call == [captions[1]] * 3
     # round/reward_mean is the running mean of the round: at its second step, the mean of both steps
     for first, second in [(rows[0], rows[1]), (rows[2], rows[3])]:
         assert first["round/reward_mean"] == pytest.approx(first["reward_mean"], rel=1e-6)
