@@ -281,3 +281,13 @@ def test_shipped_toy_configs_train_with_the_toy_oracle(tmp_path, tiny_sd, name):
     for part in ("toy_colour", "toy_shape", "toy_position", "toy_colour_ok"):
         assert 0.0 <= row[f"reward/{part}"] <= 1.0
         assert row[f"round/reward/{part}"] == pytest.approx(row[f"reward/{part}"])
+
+
+def test_curated_all_real_samples_nothing(tmp_path, tiny_sd, data):
+    """lambda = 1: every row keeps its real image; nothing is sampled or scored (plain fine-tuning)."""
+    RednessReward.calls.clear()
+    cfg = write_config(tmp_path, tiny_sd, "curated", data["images"], "images", {"real_data_fraction": 1.0})
+    assert main(["train", str(cfg)]) == 0
+    rows = metrics_rows(tmp_path)
+    assert RednessReward.calls == [] and all(r["real_fraction"] == 1.0 and np.isfinite(r["loss"]) for r in rows)
+    assert "reward_mean" not in rows[0]

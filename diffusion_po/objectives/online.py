@@ -193,12 +193,10 @@ class OnlineRounds:
         k-th (n, C, h, w) draw of `ctx.randn` (so each process keeps its slice of every draw)."""
         o, fam = self.options, ctx.family
         n, k = len(prompts), o.samples_per_prompt
-        if n == 0:
-            f = fam.vae_scale_factor
-            return torch.zeros(0, k, fam.latent_channels, ctx.config.resolution // f, ctx.config.resolution // f)
-        res = ctx.config.resolution
-        f = fam.vae_scale_factor
+        res, f = ctx.config.resolution, fam.vae_scale_factor
         shape = (n, fam.latent_channels, res // f, res // f)
+        if n == 0:  # every row of the batch is real data (curated)
+            return torch.zeros(0, k, *shape[1:], device=ctx.device)
         x_T = torch.stack([ctx.randn(shape) for _ in range(k)], 1).flatten(0, 1)  # prompt-major: (n K, ...)
         text = [p for p in prompts for _ in range(k)]
         cond = {key: v.to(ctx.device) for key, v in fam.encode_prompts(text, resolution=res).items()}
