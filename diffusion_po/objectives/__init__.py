@@ -13,7 +13,8 @@ from diffusion_po.errors import ConfigError
 from diffusion_po.objectives.base import METHODS, Method, TrainContext, register_method
 
 # modules that register methods; a new method adds its module name here
-METHOD_MODULES = ["dpo", "npo", "self_npo", "dcpo", "dro", "kto", "mapo", "sft", "robust_dpo", "dpo_sft"]
+METHOD_MODULES = ["dpo", "npo", "self_npo", "dcpo", "dro", "kto", "mapo", "sft", "robust_dpo", "dpo_sft", "curated",
+                  "online_dpo"]
 
 
 def _import_all() -> None:
