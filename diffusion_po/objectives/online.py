@@ -27,7 +27,13 @@ import torch
 
 from diffusion_po.errors import ConfigError
 from diffusion_po.families import Conditioning, cat_cond
-from diffusion_po.families.networks import copy_weights, frozen_copy
+from diffusion_po.families.networks import (
+    copy_weights,
+    frozen_copy,
+    load_params_state,
+    params_state,
+    trained_names,
+)
 from diffusion_po.objectives.base import Metrics, TrainContext, check_option
 from diffusion_po.objectives.unpaired import autocast, trainable_network
 from diffusion_po.sampling.rollout import SOLVERS, jittered_timesteps, sample_trajectories
@@ -126,7 +132,7 @@ class OnlineRounds:
         student = trainable_network(ctx)
         self.snapshot = frozen_copy(student)
         ctx.speed_up(self.snapshot)
-        self._trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+        self._trainable = trained_names(student)
         if self.reward_model is None:
             self.reward_model = build_reward(self.options.reward, ctx.device)
             metric = self.options.reward.metric
@@ -137,21 +143,14 @@ class OnlineRounds:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"micro_step": self.micro_step, "round_sums": dict(self.round_sums)}
         if self.snapshot is not None:
-            state["snapshot"] = {k: v.detach().cpu().clone() for k, v in self.snapshot.named_parameters()
-                                 if k in self._trainable}
+            state["snapshot"] = params_state(self.snapshot, self._trainable)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.micro_step = int(state.get("micro_step", 0))
         self.round_sums = {k: float(v) for k, v in state.get("round_sums", {}).items()}
         if state.get("snapshot") and self.snapshot is not None:
-            params = dict(self.snapshot.named_parameters())
-            missing = [k for k in state["snapshot"] if k not in params]
-            if missing:
-                raise ConfigError(f"the checkpoint's round snapshot does not fit this network (e.g. {missing[0]})")
-            with torch.no_grad():
-                for k, v in state["snapshot"].items():
-                    params[k].copy_(v)
+            load_params_state(self.snapshot, state["snapshot"], "round snapshot")
 
     def start_micro_step(self, ctx: TrainContext) -> bool:
         """Called first in `compute_loss`: at a round start, the snapshot takes the trained weights and the

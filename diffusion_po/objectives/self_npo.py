@@ -33,7 +33,13 @@ import torch
 
 from diffusion_po.errors import ConfigError
 from diffusion_po.families import Conditioning
-from diffusion_po.families.networks import ema_update, frozen_copy
+from diffusion_po.families.networks import (
+    ema_update,
+    frozen_copy,
+    load_params_state,
+    params_state,
+    trained_names,
+)
 from diffusion_po.objectives.base import Batch, Method, Metrics, TrainContext, register_method
 from diffusion_po.objectives.unpaired import autocast, trainable_network
 from diffusion_po.sampling.rollout import alpha_sigma, eps_from_x0, timesteps_between
@@ -130,7 +136,7 @@ class SelfNPO(Method):
         self.teacher = frozen_copy(student)
         ctx.speed_up(self.teacher)  # the run's speed switches (a deep copy is not compiled)
         # only these differ between teacher and student (all of them for full fine-tuning, the LoRA weights otherwise)
-        self._trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+        self._trainable = trained_names(student)
         name = ctx.family.name
         w = FAMILY_GUIDANCE.get(name, -1.0)
         self.w = self.options.guidance if self.options.guidance is not None else w
@@ -143,18 +149,11 @@ class SelfNPO(Method):
         """The teacher's EMA weights (the trained subset: LoRA weights, or the whole network)."""
         if self.teacher is None:
             return {}
-        return {"teacher": {k: v.detach().cpu().clone() for k, v in self.teacher.named_parameters()
-                            if k in self._trainable}}
+        return {"teacher": params_state(self.teacher, self._trainable)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("teacher") and self.teacher is not None:
-            params = dict(self.teacher.named_parameters())
-            missing = [k for k in state["teacher"] if k not in params]
-            if missing:
-                raise ConfigError(f"the checkpoint's Self-NPO teacher does not fit this network (e.g. {missing[0]})")
-            with torch.no_grad():
-                for k, v in state["teacher"].items():
-                    params[k].copy_(v)
+            load_params_state(self.teacher, state["teacher"], "Self-NPO teacher")
 
     def _teacher(self, ctx: TrainContext) -> torch.nn.Module:
         if self.teacher is None:
