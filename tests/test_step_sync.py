@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffusion_po.config import TrainConfig, from_dict
+from tests.test_fast import _batch
 
 PACKAGE = str(Path(__file__).resolve().parents[1] / "diffusion_po")
 #: calls that make the host wait for the device (on a GPU); counted when our own code makes them
@@ -38,11 +39,6 @@ def _trainer(tmp_path, model: str, **keys):
     return Trainer(cfg)
 
 
-def _batch(n: int = 2) -> dict:
-    g = torch.Generator().manual_seed(1)
-    return {"pixels_w": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1,
-            "pixels_l": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1,
-            "captions": ["a red square", "a blue circle"][:n], "size": n}
 
 
 @contextlib.contextmanager
