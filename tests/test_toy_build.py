@@ -53,7 +53,8 @@ def test_pairs_parquet_round_trip_through_the_loader(small_base, tmp_path):
 
     pipe = toy_pairs.load_pipeline(small_base)
     path = tmp_path / "pairs.parquet"
-    summary = toy_pairs.write_pairs(pipe, path, n_prompts=6, seed=2, steps=2, batch_size=8, progress=False)
+    summary = toy_pairs.write_pairs(pipe, path, n_prompts=6, seed=2, steps=2, batch_size=8, progress=False,
+                                    world="simple")
     assert summary.rows == 6
     rows = toy_pairs.read_pairs(path)
     assert len(rows) == 6

@@ -24,7 +24,7 @@ GEN = ["--n", "1", "--steps", "3", "--guidance-scale", "4", "--scheduler", "DPMS
 @pytest.fixture(scope="module")
 def toy_prompts(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("toy_prompts") / "prompts.txt"
-    assert main(["toy", "prompts", "--out", str(path), "--n", "3"]) == 0
+    assert main(["toy", "prompts", "--world", "simple", "--out", str(path), "--n", "3"]) == 0
     assert len(path.read_text().splitlines()) == 3
     return str(path)
 
@@ -34,7 +34,7 @@ def _manifest(run: Path) -> list[dict]:
 
 
 def test_eval_flow_on_the_toy_world_scored_by_the_oracle(toy_prompts, tmp_path, capsys):
-    base = str(ensure_base())
+    base = str(ensure_base(world_name="simple"))
     runs = {"cfg4": [], "cfg1": ["--guidance-scale", "1"]}
     for name, extra in runs.items():
         argv = ["eval", "generate", "--model", base, "--prompts", toy_prompts, *GEN, *extra, "--out", str(tmp_path / name)]
@@ -60,7 +60,7 @@ def test_eval_flow_on_the_toy_world_scored_by_the_oracle(toy_prompts, tmp_path, 
 
 def test_scores_from_random_test_weights_are_marked(toy_prompts, tiny_model_factory, tmp_path):
     random_model = tiny_model_factory("sd")  # a tiny random-initialised pipeline (diffusion_po.tiny)
-    base = str(ensure_base())
+    base = str(ensure_base(world_name="simple"))
     for name, model in (("random", random_model), ("toy", base)):
         argv = ["eval", "generate", "--model", model, "--prompts", toy_prompts, *GEN, "--out", str(tmp_path / name)]
         assert main(argv) == 0

@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = verbs.add_parser("run", aliases=["dpo"], help="main job: pairs -> Diffusion-DPO -> evaluation report")
     p.add_argument("--out", default="runs/toy_dpo", help="run folder (default: runs/toy_dpo)")
-    p.add_argument("--model", default=None, help="base pipeline folder (default: the shipped toy base)")
+    _world_argument(p)
+    p.add_argument("--model", default=None, help="base pipeline folder (default: the world's shipped toy base)")
     p.add_argument("--config", default=None, help="YAML of trainer keys (a file, or a shipped name such as "
                    "toy_kto) over the shipped configs/toy_dpo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -56,8 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = verbs.add_parser("build", help="pretrain the toy base model (a StableDiffusionPipeline folder)")
     p.add_argument("--out", default=None, help="output folder (default: a cache folder; prints its path)")
+    _world_argument(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="UNet + text encoder steps (default 3000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="UNet + text encoder steps (default: the world's shipped recipe, 1500 or 3000)")
     p.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (default 1200)")
     p.add_argument("--images", type=int, default=None, help="rendered training images (default 40000)")
     p.add_argument("--batch", type=int, default=None, help="UNet batch size (default 32)")
@@ -67,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = verbs.add_parser("pairs", help="sample two images per prompt, label by the oracle, write Pick-a-Pic parquet")
     p.add_argument("--out", required=True, help="parquet file to write")
+    _world_argument(p)
     p.add_argument("--model", default=None, help="pipeline folder to sample from (default: the shipped toy base)")
     p.add_argument("--n", type=int, default=1000, help="number of pairs")
     p.add_argument("--seed", type=int, default=0)
@@ -79,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_pairs)
 
     p = verbs.add_parser("eval", help="oracle reward and caption-following accuracy of a toy model")
+    _world_argument(p)
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy base)")
     p.add_argument("--unet", default=None, help="a fine-tuned UNet folder to swap in")
     p.add_argument("--lora", default=None, help="a folder with pytorch_lora_weights.safetensors")
@@ -95,12 +100,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = verbs.add_parser("prompts", help="held-out toy captions as a prompt file for `eval generate`")
     p.add_argument("--out", required=True, help="prompt file to write (.txt, one caption a line)")
+    _world_argument(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--n", type=int, default=263, help="number of captions (263 = every test caption once)")
     p.add_argument("--seed", type=int, default=1234)
     p.set_defaults(func=run_prompts)
 
     p = verbs.add_parser("base", help="print the toy base model folder (shipped, or cached build)")
+    _world_argument(p)
     p.set_defaults(func=run_base)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
@@ -114,6 +121,7 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
                          "world (docs/methods.md); writes results.json and report.md into --out.")
     p.add_argument("name", choices=METHODS, metavar="NAME", help=f"the method: {', '.join(METHODS)}")
     p.add_argument("--out", default=None, help="run folder (default: runs/toy_NAME)")
+    _world_argument(p)
     p.add_argument("--model", default=None, help="toy base folder (default: shipped or cached)")
     p.add_argument("--config", default=None, help="YAML over configs/toy_dpo.yaml (default: the shipped "
                    "configs/toy_NAME.yaml where there is one)")
@@ -160,6 +168,12 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_perp_neg)
 
 
+def _world_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world", default="compositional", choices=["compositional", "simple"],
+                   help="the toy world: compositional (counts, binding, relations, sizes, negations; the "
+                   "default) or simple (one or two shapes)")
+
+
 def _check_positive(**values: int | None) -> None:
     for name, v in values.items():
         if v is not None and v <= 0:
@@ -172,7 +186,7 @@ def run_main(args: argparse.Namespace) -> int:
     _check_positive(pairs=args.pairs, val=args.val, test=args.test, sample_steps=args.sample_steps)
     if not 0.0 <= args.label_noise < 0.5:
         raise UserError(f"--label-noise must be in [0, 0.5), got {args.label_noise}")
-    run = ToyRunConfig(out=args.out, model=args.model, config=args.config, overrides=args.overrides,
+    run = ToyRunConfig(out=args.out, world=args.world, model=args.model, config=args.config, overrides=args.overrides,
                        n_pairs=args.pairs, pair_seed=args.pair_seed, label_noise=args.label_noise,
                        min_margin=args.min_margin, n_val=args.val, n_test=args.test, steps=args.sample_steps,
                        scale=args.guidance, threads=args.threads, keep_checkpoints=args.keep_checkpoints,
@@ -189,21 +203,23 @@ def run_main(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from diffusion_po.toy.build import BuildConfig, build_base, cache_dir, is_pipeline_folder
+    from diffusion_po.toy.build import BuildConfig, build_base, cache_dir, cache_key, is_pipeline_folder
+    from diffusion_po.toy.worlds import get_world
 
     _check_positive(steps=args.steps, vae_steps=args.vae_steps, images=args.images, batch=args.batch,
                     threads=args.threads)
-    cfg = BuildConfig.small(args.seed) if args.small else BuildConfig(seed=args.seed)
+    cfg = get_world(args.world).build_config(args.seed)
+    if args.small:
+        import dataclasses
+
+        small = BuildConfig.small(args.seed)
+        cfg = dataclasses.replace(small, world=cfg.world, caption_split=cfg.caption_split, lr_schedule=cfg.lr_schedule)
     for key, value in (("steps", args.steps), ("vae_steps", args.vae_steps), ("n_images", args.images),
                        ("batch", args.batch), ("threads", args.threads)):
         if value is not None:
             setattr(cfg, key, value)
     if args.out is None:
-        import dataclasses
-        import hashlib
-
-        digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-        out = cache_dir() / f"base-seed{cfg.seed}-{digest}"
+        out = cache_dir() / cache_key(cfg)
         if is_pipeline_folder(out):
             print(f"cached: {out}")
             return 0
@@ -223,11 +239,11 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _pipe(model: str | None, unet: str | None = None, lora: str | None = None):
+def _pipe(model: str | None, world_name: str, unet: str | None = None, lora: str | None = None):
     from diffusion_po.toy.build import ensure_base
     from diffusion_po.toy.pairs import load_pipeline
 
-    return load_pipeline(ensure_base(model), unet, lora)
+    return load_pipeline(ensure_base(model, world_name=world_name), unet, lora)
 
 
 def run_pairs(args: argparse.Namespace) -> int:
@@ -237,27 +253,28 @@ def run_pairs(args: argparse.Namespace) -> int:
     if not 0.0 <= args.label_noise < 0.5:
         raise UserError(f"--label-noise must be in [0, 0.5), got {args.label_noise}")
     _set_threads(args.threads)
-    summary = write_pairs(_pipe(args.model), args.out, args.n, args.seed, args.split, args.label_noise,
-                          args.min_margin, args.sample_steps, args.guidance)
+    summary = write_pairs(_pipe(args.model, args.world), args.out, args.n, args.seed, args.split, args.label_noise,
+                          args.min_margin, args.sample_steps, args.guidance, world=args.world)
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from diffusion_po.toy import oracle, world
     from diffusion_po.toy.experiment import eval_seeds
     from diffusion_po.toy.pairs import sample
+    from diffusion_po.toy.worlds import get_world
 
     _check_positive(n=args.n, sample_steps=args.sample_steps)
     if args.unet and args.lora:
         raise UserError("give --unet or --lora, not both")
     _set_threads(args.threads)
-    pipe = _pipe(args.model, args.unet, args.lora)
-    prompts = world.held_out_prompts(args.n, args.seed, split=args.split)
+    pipe = _pipe(args.model, args.world, args.unet, args.lora)
+    toy_world = get_world(args.world)
+    prompts = toy_world.prompts(args.n, args.seed, split=args.split)
     seeds = eval_seeds(args.n, args.seed)
     images = sample(pipe, prompts, seeds, args.sample_steps, args.guidance, progress=True)
-    results = oracle.score_many(images, prompts)
-    summary = oracle.summarize(results)
+    results = toy_world.score_many(images, prompts)
+    summary = toy_world.summarize(results)
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +301,7 @@ def run_method(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} {path} does not exist")
     _set_threads(args.threads)
     out = args.out or f"runs/toy_{args.name}"
-    cfg = ToyRunConfig(out=out, model=args.model, config=args.config, overrides=list(args.overrides),
+    cfg = ToyRunConfig(out=out, world=args.world, model=args.model, config=args.config, overrides=list(args.overrides),
                        n_pairs=args.pairs, n_val=args.val, n_test=args.test, threads=args.threads,
                        keep_checkpoints=args.keep_checkpoints)
     res = run(args.name, cfg, args.pairs_file, args.cache_dir, args.experts, args.images)
@@ -336,12 +353,12 @@ def run_perp_neg(args: argparse.Namespace) -> int:
     res = run(args.out, args.model, args.n, args.seed, args.sample_steps, args.guidance)
     print(json.dumps(res, indent=2))
 def run_prompts(args: argparse.Namespace) -> int:
-    from diffusion_po.toy import world
+    from diffusion_po.toy.worlds import get_world
 
     _check_positive(n=args.n)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(world.held_out_prompts(args.n, args.seed, split=args.split)) + "\n")
+    out.write_text("\n".join(get_world(args.world).prompts(args.n, args.seed, split=args.split)) + "\n")
     print(out)
     return 0
 
@@ -349,5 +366,5 @@ def run_prompts(args: argparse.Namespace) -> int:
 def run_base(args: argparse.Namespace) -> int:
     from diffusion_po.toy.build import ensure_base
 
-    print(ensure_base())
+    print(ensure_base(world_name=args.world))
     return 0

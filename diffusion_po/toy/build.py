@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from diffusion_po.toy import world
 
 ASSET_DIR = Path(__file__).parent / "assets" / "base"
+COMPOSITIONAL_ASSET_DIR = Path(__file__).parent / "assets" / "compositional"
+COMPOSITIONAL_STEPS = 1500
+WORLDS = ("simple", "compositional")
 
 
 @dataclass
@@ -59,6 +62,22 @@ class BuildConfig:
     text_layers: int = 2
     threads: int = 1
     checkpoint_every: int = 500
+    world: str = "simple"
+    """Which toy world's images and captions: "simple" (`world`) or "compositional" (`compositional`)."""
+    caption_split: str | None = None
+    """Train only on captions of this split (e.g. "train"), so held-out captions are new compositions."""
+    lr_schedule: str = "cosine"
+    """"cosine" (decays over `steps`) or "constant" (after warmup): with "constant" the model after k steps
+    does not depend on `steps`, so a snapshot at step k is exactly the build with `steps=k`."""
+    snapshot_every: int = 0
+    """Also save the EMA model every this many steps under `snapshots/step-N` (0: never)."""
+
+    @classmethod
+    def compositional(cls, seed: int = 0) -> BuildConfig:
+        """The shipped compositional base (`assets/compositional`): trained on the train split's captions only,
+        and briefly, so it gets about half of the compositional attributes right."""
+        return cls(seed=seed, world="compositional", caption_split="train", lr_schedule="constant",
+                   steps=COMPOSITIONAL_STEPS)
 
     @classmethod
     def small(cls, seed: int = 0) -> BuildConfig:
@@ -116,16 +135,27 @@ def make_scheduler():
                          set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
-def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """`n` toy images as uint8 (n, 3, H, W) and their captions."""
+def render_dataset(n: int, seed: int, which: str = "simple",
+                   split: str | None = None) -> tuple[torch.Tensor, list[str]]:
+    """`n` toy images of world `which` as uint8 (n, 3, H, W) and their captions (from `split` when given)."""
     from tqdm.auto import tqdm
 
+    from diffusion_po.toy import compositional
+
+    if which not in WORLDS:
+        raise ValueError(f"unknown toy world {which!r}; choose one of {', '.join(WORLDS)}")
+    if which == "simple" and split is not None:
+        raise ValueError("caption_split is only supported for the compositional world")
     rng = random.Random(seed)
     images = np.empty((n, world.RESOLUTION, world.RESOLUTION, 3), dtype=np.uint8)
     captions = []
     for i in tqdm(range(n), desc="render toy images", mininterval=5, disable=n < 2000):
-        scene = world.sample_scene(rng)
-        images[i] = np.asarray(world.render(scene))
+        if which == "simple":
+            scene = world.sample_scene(rng)
+            images[i] = np.asarray(world.render(scene))
+        else:
+            scene = compositional.sample_scene(rng, split)
+            images[i] = np.asarray(compositional.render(scene))
         captions.append(scene.caption)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
 
@@ -205,10 +235,13 @@ def build_base(out: str | Path, cfg: BuildConfig | None = None, log_file: str | 
     started = time.perf_counter()
     try:
         _log(f"toy build: {dataclasses.asdict(cfg)}", log)
-        images, captions = render_dataset(cfg.n_images, cfg.seed)
+        if cfg.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {cfg.lr_schedule!r}")
+        images, captions = render_dataset(cfg.n_images, cfg.seed, cfg.world, cfg.caption_split)
         t0 = time.perf_counter()
         stage = out / "_stage_vae"
-        stage_key = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith(("vae", "seed", "n_"))})
+        stage_key = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                if k.startswith(("vae", "seed", "n_")) or k in ("world", "caption_split")})
         if (stage / "key.json").is_file() and (stage / "key.json").read_text() == stage_key:
             from diffusers import AutoencoderKL
 
@@ -256,7 +289,8 @@ def build_base(out: str | Path, cfg: BuildConfig | None = None, log_file: str | 
         bar = tqdm(range(cfg.steps), desc="unet", mininterval=10, disable=cfg.steps < 50)
         for step in bar:
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-            lr *= 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps))) * 0.9 + 0.1
+            if cfg.lr_schedule == "cosine":
+                lr *= 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps))) * 0.9 + 0.1
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = torch.randint(0, len(images), (cfg.batch,), generator=gen)
@@ -285,6 +319,8 @@ def build_base(out: str | Path, cfg: BuildConfig | None = None, log_file: str | 
                 _log(f"unet step {step + 1}/{cfg.steps} mse {np.mean(running):.4f} lr {lr:.2e} "
                      f"{rate:.2f}s/step, eta {(cfg.steps - step - 1) * rate / 60:.1f} min", log)
                 running = []
+            if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
+                _save(out / "snapshots" / f"step-{step + 1}", ema_unet, vae, ema_text, tokenizer, scheduler)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 _save(out / "partial", ema_unet, vae, ema_text, tokenizer, scheduler)
         unet_seconds = time.perf_counter() - t0
@@ -342,8 +378,9 @@ def is_pipeline_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file() and (path / "unet").is_dir()
 
 
-def ensure_base(path: str | Path | None = None, cfg: BuildConfig | None = None) -> Path:
-    """The base model folder: `path` if given, else the shipped one, else a cached build (built if missing)."""
+def ensure_base(path: str | Path | None = None, cfg: BuildConfig | None = None, world_name: str | None = None) -> Path:
+    """The base model folder: `path` if given, else the shipped one of toy world `world_name` (default: the
+    compositional world), else a cached build of `cfg` (default: that world's shipped recipe; built if missing)."""
     if path is not None:
         p = Path(path)
         if not is_pipeline_folder(p):
@@ -352,15 +389,23 @@ def ensure_base(path: str | Path | None = None, cfg: BuildConfig | None = None) 
             raise ModelLoadError(f"{p} is not a toy base model folder (no model_index.json / unet/); "
                                  "build one with `diffusion-po toy build --out DIR`")
         return p
-    if cfg is None and is_pipeline_folder(ASSET_DIR):
-        return ASSET_DIR
-    cfg = cfg or BuildConfig()
-    digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-    key = f"base-seed{cfg.seed}-{digest}"
-    target = cache_dir() / key
+    from diffusion_po.toy.worlds import get_world
+
+    toy_world = get_world(cfg.world if cfg is not None and world_name is None else world_name)
+    if cfg is None and is_pipeline_folder(toy_world.asset_dir):
+        return toy_world.asset_dir
+    cfg = cfg or toy_world.build_config()
+    target = cache_dir() / cache_key(cfg)
     if not is_pipeline_folder(target):
         build_base(target, cfg)
     return target
 
 
-__all__ = ["ASSET_DIR", "BuildConfig", "build_base", "ensure_base"]
+def cache_key(cfg: BuildConfig) -> str:
+    """The cache folder name of a build: the seed and a digest of the whole configuration."""
+    digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    prefix = "base" if cfg.world == "simple" else f"base-{cfg.world}"
+    return f"{prefix}-seed{cfg.seed}-{digest}"
+
+
+__all__ = ["ASSET_DIR", "COMPOSITIONAL_ASSET_DIR", "BuildConfig", "build_base", "cache_key", "ensure_base"]

@@ -79,6 +79,22 @@ class CompResult:
     notes: dict[str, str]
     objects: list[SeenObject] = field(default_factory=list)
 
+    @property
+    def share_ok(self) -> float:
+        """The share of the caption's parts that are right (the attribute accuracy of one image)."""
+        return float(np.mean(list(self.ok.values())))
+
+    def to_dict(self) -> dict:
+        """The scores as plain JSON values (without the notes and the detected objects)."""
+        return {"caption": self.caption, "reward": self.reward, "correct": self.correct, "share_ok": self.share_ok,
+                "parts": dict(self.parts), "ok": dict(self.ok)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompResult:
+        """The inverse of `to_dict` (notes and objects empty)."""
+        return cls(data["caption"], data["reward"], data["correct"], dict(data["parts"]), dict(data["ok"]),
+                   {p: "" for p in data["parts"]})
+
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     """The 4-connected components of a boolean mask, in scan order (row-major of their first pixel)."""
@@ -251,12 +267,13 @@ def score_many(images: list, captions: list[str]) -> list[CompResult]:
 
 
 def summarize(results: list[CompResult]) -> dict[str, float]:
-    """Per-part breakdown over `results`: mean `reward` and `correct`, and for each part the captions that
+    """Per-part breakdown over `results`: mean `reward`, `correct` and `share_ok`, and for each part the captions that
     have it: `<part>` (mean score), `<part>_ok` (share ok) and `<part>_n` (how many)."""
     if not results:
         return {}
     out = {"reward": float(np.mean([r.reward for r in results])),
-           "correct": float(np.mean([r.correct for r in results]))}
+           "correct": float(np.mean([r.correct for r in results])),
+           "share_ok": float(np.mean([r.share_ok for r in results]))}
     for part in PARTS:
         having = [r for r in results if part in r.parts]
         if having:

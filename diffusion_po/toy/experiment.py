@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_po.toy import oracle, world
 from diffusion_po.toy import pairs as toy_pairs
+from diffusion_po.toy.worlds import DEFAULT_WORLD, ToyWorld, get_world
 
 
 @dataclass
@@ -41,6 +41,8 @@ class ToyRunConfig:
     """Sizes of the main job (the defaults are the README run)."""
 
     out: str = "runs/toy_dpo"
+    world: str = DEFAULT_WORLD
+    """The toy world: "compositional" (the default) or "simple" (`diffusion_po.toy.worlds`)."""
     model: str | None = None
     """Base pipeline folder (default: the shipped toy base)."""
     config: str | None = None
@@ -124,14 +126,14 @@ def eval_items(run: ToyRunConfig, split: str) -> tuple[list[str], list[int]]:
     compared on it (so images pair up)."""
     offset = {"val": 0, "test": 2}[split]
     n = run.n_val if split == "val" else run.n_test
-    prompts = world.held_out_prompts(n, run.eval_seed + offset, split=split)
+    prompts = get_world(run.world).prompts(n, run.eval_seed + offset, split=split)
     return prompts, eval_seeds(n, run.eval_seed + offset + 1)
 
 
 def sample_pairs(run: ToyRunConfig, base: Any, path: Path):
     """Oracle-labelled pairs from the base model on train prompts, written to `path` (the run's sizes)."""
     return toy_pairs.write_pairs(base, path, run.n_pairs, run.pair_seed, "train", run.label_noise,
-                                 run.min_margin, run.steps, run.scale, run.batch_size)
+                                 run.min_margin, run.steps, run.scale, run.batch_size, world=run.world)
 
 
 def train_stage(run: ToyRunConfig, base_path: Path, data_file: Path, train_dir: Path):
@@ -161,7 +163,7 @@ def sampler(pipe: Any, run: ToyRunConfig) -> Sampler:
 def evaluate(pipe: Any, prompts: list[str], seeds: list[int], run: ToyRunConfig, desc: str) -> tuple[list, list]:
     """Sample and score; returns (images, oracle results)."""
     images = sampler(pipe, run)(prompts, seeds, desc)
-    return images, oracle.score_many(images, prompts)
+    return images, get_world(run.world).score_many(images, prompts)
 
 
 def checkpoint_model(ckpt: Path) -> tuple[Path | None, Path | None]:
@@ -174,26 +176,23 @@ def checkpoint_model(ckpt: Path) -> tuple[Path | None, Path | None]:
     raise FileNotFoundError(f"{ckpt}: neither unet/ nor pytorch_lora_weights.safetensors")
 
 
-def _mean(results: list[oracle.OracleResult], key: str = "reward") -> float:
-    return float(np.mean([getattr(r, key) for r in results]))
-
-
-def _curve_row(step: int, results: list[oracle.OracleResult]) -> dict[str, float]:
-    return {"step": step, "reward": _mean(results), "colour_ok": _mean(results, "colour_ok"),
-            "shape_ok": _mean(results, "shape_ok")}
+def _curve_row(step: int, results: list[Any], toy_world: ToyWorld) -> dict[str, float]:
+    summary = toy_world.summarize(results)
+    return {"step": step, "reward": summary["reward"], **{k: summary[k] for k in toy_world.curve_keys}}
 
 
 def _base_results(cache_dir: Path | None, key: dict[str, Any], sample: Sampler, prompts: list[str],
-                  seeds: list[int], desc: str) -> tuple[list | None, list[oracle.OracleResult]]:
+                  seeds: list[int], desc: str, toy_world: ToyWorld) -> tuple[list | None, list[Any]]:
     """(images, oracle results) of the base model's samples; with `cache_dir` the results are cached on disk
-    by (model, prompts, seeds, sampler) and the images are None when they come from the cache."""
+    by (world, model, prompts, seeds, sampler) and the images are None when they come from the cache."""
     if cache_dir is not None:
-        digest = hashlib.sha1(json.dumps({**key, "prompts": prompts, "seeds": seeds}, sort_keys=True).encode())
+        digest = hashlib.sha1(json.dumps({**key, "world": toy_world.name, "prompts": prompts, "seeds": seeds},
+                                         sort_keys=True).encode())
         path = cache_dir / f"base-{digest.hexdigest()[:16]}.json"
         if path.is_file():
-            return None, [oracle.OracleResult(**d, shapes=[]) for d in json.loads(path.read_text())]
+            return None, [toy_world.result_from_dict(d) for d in json.loads(path.read_text())]
     images = sample(prompts, seeds, desc)
-    results = oracle.score_many(images, prompts)
+    results = toy_world.score_many(images, prompts)
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps([r.to_dict() for r in results]))
@@ -209,8 +208,8 @@ class Selection:
     checkpoints: list[Path]
     test_prompts: list[str]
     test_seeds: list[int]
-    base_results: list[oracle.OracleResult]
-    tuned_results: list[oracle.OracleResult]
+    base_results: list[Any]
+    tuned_results: list[Any]
     base_images: list | None
     """None when the base's test results came from the cache."""
     tuned_images: list | None
@@ -229,26 +228,28 @@ def choose_and_test(run: ToyRunConfig, train_dir: Path, sample_base: Sampler, sa
     from diffusion_po.training import checkpoint as ckpt
 
     t0 = time.perf_counter()
+    toy_world = get_world(run.world)
     key = {"model": base_id, "steps": run.steps, "scale": run.scale}
     val_prompts, val_seeds = eval_items(run, "val")
-    _, base_val = _base_results(cache_dir, key, sample_base, val_prompts, val_seeds, "validation: base")
-    val_curve = [_curve_row(0, base_val)]
+    _, base_val = _base_results(cache_dir, key, sample_base, val_prompts, val_seeds, "validation: base", toy_world)
+    val_curve = [_curve_row(0, base_val, toy_world)]
     checkpoints = ckpt.list_checkpoints(train_dir)
     for c in checkpoints:
         step = ckpt.step_of(c)
         images = sample_tuned(c, val_prompts, val_seeds, f"validation: step {step}")
-        val_curve.append(_curve_row(step, oracle.score_many(images, val_prompts)))
+        val_curve.append(_curve_row(step, toy_world.score_many(images, val_prompts), toy_world))
     best = max(val_curve, key=lambda r: r["reward"])
     timings = {"validation": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
     test_prompts, test_seeds = eval_items(run, "test")
-    base_images, base_res = _base_results(cache_dir, key, sample_base, test_prompts, test_seeds, "test: base")
+    base_images, base_res = _base_results(cache_dir, key, sample_base, test_prompts, test_seeds, "test: base",
+                                          toy_world)
     if best["step"] == 0:
         tuned_images, tuned_res = base_images, base_res
     else:
         tuned_images = sample_tuned(train_dir / f"checkpoint-{best['step']}", test_prompts, test_seeds, "test: tuned")
-        tuned_res = oracle.score_many(tuned_images, test_prompts)
+        tuned_res = toy_world.score_many(tuned_images, test_prompts)
     wr = paired_win_rate([r.reward for r in tuned_res], [r.reward for r in base_res], n_boot=run.n_boot,
                          seed=run.eval_seed, tie_tol=run.tie_tol, groups=test_prompts)
     timings["test"] = time.perf_counter() - t0
@@ -277,7 +278,7 @@ def prepare_run(run: ToyRunConfig) -> tuple[Path, Path, Any]:
         torch.set_num_threads(run.threads)
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
-    base_path = ensure_base(run.model)
+    base_path = ensure_base(run.model, world_name=run.world)
     return out, base_path, toy_pairs.load_pipeline(base_path)
 
 
@@ -285,7 +286,6 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     """The whole main job; returns the results dictionary (also written to `out/results.json`)."""
     import torch
 
-    from diffusion_po.eval.stats import bootstrap_mean_ci
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -333,13 +333,13 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     save_grid(test_prompts[: run.grid_prompts], sel.base_images, sel.tuned_images, base_r, tuned_r, out / "grid.png")
     timings["total"] = time.perf_counter() - started
 
-    def stat(values: list[float]) -> dict[str, float]:
-        return bootstrap_mean_ci(values, n_boot=run.n_boot, seed=run.eval_seed).to_dict()
-
+    toy_world = get_world(run.world)
     results = {
+        "world": toy_world.name,
         "win_rate": sel.win_rate.to_dict(),
-        "base": {**oracle.summarize(base_res), "reward": stat(base_r)},
-        "tuned": {**oracle.summarize(tuned_res), "reward": stat(tuned_r)},
+        "base": {**toy_world.summarize(base_res), "reward": mean_ci(base_r, run)},
+        "tuned": {**toy_world.summarize(tuned_res), "reward": mean_ci(tuned_r, run)},
+        **paired_gains(toy_world, base_res, tuned_res, run),
         "chosen_step": sel.best_step,
         "val_curve": sel.val_curve,
         "pairs": summary.to_dict(),
@@ -354,6 +354,23 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, out / "report.md")
     return results
+
+
+def paired_gains(toy_world: ToyWorld, base_res: list[Any], tuned_res: list[Any], run: ToyRunConfig) -> dict[str, Any]:
+    """The paired gains of tuned over base on the same test items, each a mean with its 95% bootstrap interval:
+    `reward_gain` (oracle reward) and `accuracy_gain` (the world's caption accuracy, `ToyWorld.accuracy`)."""
+    return {
+        "reward_gain": mean_ci([t.reward - b.reward for t, b in zip(tuned_res, base_res)], run),
+        "accuracy_gain": mean_ci([toy_world.accuracy(t) - toy_world.accuracy(b) for t, b in zip(tuned_res, base_res)],
+                                 run),
+    }
+
+
+def mean_ci(values: list[float], run: ToyRunConfig) -> dict[str, float]:
+    """The mean of `values` with its 95% bootstrap interval (the run's resamples and seed)."""
+    from diffusion_po.eval.stats import bootstrap_mean_ci
+
+    return bootstrap_mean_ci(values, n_boot=run.n_boot, seed=run.eval_seed).to_dict()
 
 
 def _cfg_summary(cfg: Any) -> dict[str, Any]:
@@ -455,7 +472,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     tc = results["train_config"]
     verdict = "above" if wr["lo"] > 0.5 else "not above"
     lines = [
-        "# Toy world: Diffusion-DPO",
+        f"# Toy world ({results.get('world', 'simple')}): Diffusion-DPO",
         "",
         f"Diffusion-DPO ({'LoRA r=' + str(tc['rank']) if tc['use_lora'] else 'full fine-tune'}, beta_dpo "
         f"{tc['beta_dpo']:g}, lr {tc['learning_rate']:g}, batch {tc['train_batch_size']} pairs, "
@@ -471,18 +488,26 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"| mean oracle reward | {b['reward']['value']:.4f} [{b['reward']['lo']:.4f}, {b['reward']['hi']:.4f}] | "
         f"{t['reward']['value']:.4f} [{t['reward']['lo']:.4f}, {t['reward']['hi']:.4f}] |",
     ]
-    for key, name in (("colour_ok", "colour right"), ("shape_ok", "shape right"), ("size_ok", "size right"),
-                      ("position_ok", "position right"), ("clean", "clean / sharp")):
-        lines.append(f"| {name} | {b[key]:.3f} | {t[key]:.3f} |")
+    toy_world = get_world(results.get("world", "simple"))
+    for key, name in toy_world.report_parts:
+        if key in b:
+            lines.append(f"| {name} | {b[key]:.3f} | {t[key]:.3f} |")
+    rg, ag = results["reward_gain"], results["accuracy_gain"]
+    accuracy = dict(toy_world.report_parts).get(toy_world.accuracy_key, "colour and shape right")
     lines += [
+        "",
+        f"Paired gains on the same test items (95% bootstrap intervals): reward {rg['value']:+.4f} "
+        f"[{rg['lo']:+.4f}, {rg['hi']:+.4f}]; accuracy ({accuracy}) {100 * ag['value']:+.1f} points "
+        f"[{100 * ag['lo']:+.1f}, {100 * ag['hi']:+.1f}].",
         "",
         "Validation reward by checkpoint (step 0 = base):",
         "",
-        "| step | reward | colour right | shape right |",
-        "|---|---|---|---|",
+        "| step | reward | " + " | ".join(toy_world.curve_keys) + " |",
+        "|---|---|" + "---|" * len(toy_world.curve_keys),
     ]
     for r in results["val_curve"]:
-        lines.append(f"| {r['step']} | {r['reward']:.4f} | {r['colour_ok']:.3f} | {r['shape_ok']:.3f} |")
+        lines.append(f"| {r['step']} | {r['reward']:.4f} | " + " | ".join(f"{r[k]:.3f}" for k in toy_world.curve_keys)
+                     + " |")
     p = results["pairs"]
     lines += [
         "",

@@ -53,25 +53,27 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
     import torch
 
     from diffusion_po.data.experts import select_top_experts
-    from diffusion_po.eval.stats import bootstrap_mean_ci
     from diffusion_po.guidance import NPO
     from diffusion_po.sampling import generate
     from diffusion_po.sampling.negative import load_negative_network, load_npo_lora
-    from diffusion_po.toy import oracle, world
     from diffusion_po.toy import pairs as toy_pairs
     from diffusion_po.toy.experiment import (
         checkpoint_model,
         choose_and_test,
+        mean_ci,
+        paired_gains,
         prepare_run,
         remove_checkpoints,
         sample_pairs,
         sampler,
         train_stage,
     )
+    from diffusion_po.toy.worlds import get_world
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out, base_path, base = prepare_run(run)
+    toy_world = get_world(run.world)
     run.config = run.config or method_config(method)
     if method in EXTRA_KEYS:
         run.overrides = [f"method={method}", *EXTRA_KEYS[method], *run.overrides]
@@ -88,7 +90,7 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
         data_file = target
     if method == "dro":
         top = experts or max(32, run.n_pairs // 4)
-        data_file = select_top_experts([str(target)], lambda ims, ps: [oracle.reward(i, p) for i, p in zip(ims, ps)],
+        data_file = select_top_experts([str(target)], lambda ims, ps: [r.reward for r in toy_world.score_many(ims, ps)],
                                        top, out / "experts", progress=False)
         data_info["experts"] = json.loads((out / "experts" / "selection.json").read_text())
     if method == "self_npo" and images:  # Self-NPO from images (the reference's mode), an experts.jsonl
@@ -97,8 +99,8 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
         data_info["images"] = str(images)
     elif method == "self_npo":
         data_file = out / "prompts.txt"
-        data_file.write_text("\n".join(world.split_captions("train")) + "\n")
-        data_info["prompts"] = len(world.split_captions("train"))
+        data_file.write_text("\n".join(toy_world.split_captions("train")) + "\n")
+        data_info["prompts"] = len(toy_world.split_captions("train"))
     timings["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -128,12 +130,11 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
     timings["evaluation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
 
-    def stat(v: list[float]) -> dict[str, float]:
-        return bootstrap_mean_ci(v, n_boot=run.n_boot, seed=run.eval_seed).to_dict()
-
     base_r, tuned_r = [r.reward for r in sel.base_results], [r.reward for r in sel.tuned_results]
-    results = {"win_rate": sel.win_rate.to_dict(), "comparison": label, "base": {"reward": stat(base_r)},
-               "tuned": {"reward": stat(tuned_r)}, "reward_gain": stat([t - b for t, b in zip(tuned_r, base_r)]),
+    results = {"world": toy_world.name, "win_rate": sel.win_rate.to_dict(), "comparison": label,
+               "base": {**toy_world.summarize(sel.base_results), "reward": mean_ci(base_r, run)},
+               "tuned": {**toy_world.summarize(sel.tuned_results), "reward": mean_ci(tuned_r, run)},
+               **paired_gains(toy_world, sel.base_results, sel.tuned_results, run),
                "chosen_step": sel.best_step, "val_curve": sel.val_curve,
                "n_test_items": len(sel.test_prompts), "n_test_prompts": len(set(sel.test_prompts))}
     results.update(method=method, data=data_info, run=asdict(run), threads=torch.get_num_threads(),
@@ -213,9 +214,9 @@ def scale_sweep(scales: list[float], model: str | None = None, n_val: int = 152,
     from diffusion_po.toy.build import ensure_base
     from diffusion_po.toy.experiment import ToyRunConfig, eval_items, evaluate
 
-    run = ToyRunConfig(model=model, n_val=n_val, eval_seed=eval_seed, steps=steps or toy_pairs.DEFAULT_STEPS,
-                       batch_size=batch_size)
-    base = toy_pairs.load_pipeline(ensure_base(model))
+    run = ToyRunConfig(world="simple", model=model, n_val=n_val, eval_seed=eval_seed,
+                       steps=steps or toy_pairs.DEFAULT_STEPS, batch_size=batch_size)
+    base = toy_pairs.load_pipeline(ensure_base(model, world_name="simple"))
     prompts, seeds = eval_items(run, "val")
     rows = []
     for scale in scales:
@@ -242,7 +243,7 @@ def guidance_shift(negative: str, model: str | None = None, n: int = 64, timeste
     from diffusion_po.toy import world
     from diffusion_po.toy.build import ensure_base
 
-    base = toy_pairs.load_pipeline(ensure_base(model))
+    base = toy_pairs.load_pipeline(ensure_base(model, world_name="simple"))
     net = base.unet.float().eval()
     neg = load_negative_network(base, negative).network
     prompts = world.held_out_prompts(n, seed, split="val")

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from diffusion_po.toy import oracle, world
+from diffusion_po.toy.worlds import ToyWorld, get_world
 
 DEFAULT_STEPS = 10
 DEFAULT_SCALE = 4.0
@@ -115,14 +115,17 @@ class PairsSummary:
 
 def write_pairs(pipe: Any, out: str | Path, n_prompts: int, seed: int = 0, split: str = "train",
                 label_noise: float = 0.0, min_margin: float = 0.0, steps: int = DEFAULT_STEPS,
-                scale: float = DEFAULT_SCALE, batch_size: int = 64, progress: bool = True) -> PairsSummary:
-    """Sample two images for each of `n_prompts` prompts of `split`, label them with the oracle, write parquet."""
+                scale: float = DEFAULT_SCALE, batch_size: int = 64, progress: bool = True,
+                world: str | ToyWorld | None = None) -> PairsSummary:
+    """Sample two images for each of `n_prompts` prompts of `split` of toy world `world` (default: the
+    compositional one), label them with its oracle, write parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not 0.0 <= label_noise < 0.5:
         raise ValueError(f"label_noise must be in [0, 0.5), got {label_noise}")
-    prompts = world.held_out_prompts(n_prompts, seed, split=split)
+    toy_world = get_world(world)
+    prompts = toy_world.prompts(n_prompts, seed, split=split)
     seeds0 = [seed * 1_000_003 + 2 * i for i in range(n_prompts)]
     seeds1 = [s + 1 for s in seeds0]
     images = sample(pipe, prompts + prompts, seeds0 + seeds1, steps, scale, batch_size, progress,
@@ -136,7 +139,8 @@ def write_pairs(pipe: Any, out: str | Path, n_prompts: int, seed: int = 0, split
     for prompt, a, b, s0, s1 in zip(prompts, im0, im1, seeds0, seeds1):
         # score the JPEG-decoded images: exactly what the trainer will see
         ja, jb = jpeg_bytes(a), jpeg_bytes(b)
-        ra, rb = oracle.score(Image.open(io.BytesIO(ja)), prompt), oracle.score(Image.open(io.BytesIO(jb)), prompt)
+        ia, ib = Image.open(io.BytesIO(ja)), Image.open(io.BytesIO(jb))
+        ra, rb = toy_world.score(ia, prompt), toy_world.score(ib, prompt)
         margin = ra.reward - rb.reward
         margins.append(abs(margin))
         if abs(margin) <= min_margin or margin == 0:
@@ -154,8 +158,8 @@ def write_pairs(pipe: Any, out: str | Path, n_prompts: int, seed: int = 0, split
         rows["label_0"].append(label0)
         rows["label_1"].append(1.0 - label0)
         rows["caption"].append(prompt)
-        rows["caption_0"].append(oracle.describe(Image.open(io.BytesIO(ja)), prompt))
-        rows["caption_1"].append(oracle.describe(Image.open(io.BytesIO(jb)), prompt))
+        rows["caption_0"].append(toy_world.describe(ia, prompt))
+        rows["caption_1"].append(toy_world.describe(ib, prompt))
         rows["reward_0"].append(ra.reward)
         rows["reward_1"].append(rb.reward)
         rows["split"].append(split)

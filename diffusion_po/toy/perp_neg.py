@@ -91,7 +91,7 @@ def run_perp_neg(
     from diffusion_po.toy.build import ensure_base
     from diffusion_po.toy.pairs import load_pipeline
 
-    pipe = load_pipeline(ensure_base(model))
+    pipe = load_pipeline(ensure_base(model, world_name="simple"))
     items = overlap_items(n, seed)
     seeds = [seed * 100_000 + i for i in range(n)]
     methods: dict[str, tuple[Any, float | None]] = {

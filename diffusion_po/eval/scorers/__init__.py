@@ -11,7 +11,8 @@ from diffusion_po.errors import UserError
 from diffusion_po.eval.scorers.base import Scorer, as_embedding, l2_normalize
 
 #: scorers that live outside diffusion_po.eval: name -> "module:Class", imported only when built
-EXTERNAL_SCORERS = {"toy": "diffusion_po.toy.scorer:ToyOracleScorer"}
+EXTERNAL_SCORERS = {"toy": "diffusion_po.toy.scorer:ToyOracleScorer",
+                    "toy_compositional": "diffusion_po.toy.scorer:ToyCompositionalScorer"}
 
 SCORER_NAMES = ("pickscore", "hps_v2", "hps_v2.1", "clip", "clip_openclip", "aesthetic", "imagereward",
                 *EXTERNAL_SCORERS)
@@ -41,6 +42,7 @@ SCORER_OPTIONS = {
     "aesthetic": ("checkpoint", "backbone"),
     "imagereward": ("checkpoint", "med_config", "tokenizer"),
     "toy": (),
+    "toy_compositional": (),
 }
 
 
