@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _world_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None,
-                   help="UNet + text encoder steps (default: the world's shipped recipe, 1500 or 3000)")
+                   help="UNet + text encoder steps (default: the world's shipped recipe: 3000)")
     p.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (default 1200)")
     p.add_argument("--images", type=int, default=None, help="rendered training images (default 40000)")
     p.add_argument("--batch", type=int, default=None, help="UNet batch size (default 32)")

@@ -66,7 +66,7 @@ class ToyWorld:
         raise NotImplementedError
 
     def describe(self, image: Image.Image | np.ndarray, caption: str) -> str:
-        """What the oracle sees in `image`, in words."""
+        """What the oracle sees in `image`, as a caption of the world's grammar (DCPO's per-image captions)."""
         raise NotImplementedError
 
     def result_from_dict(self, data: dict[str, Any]) -> Any:
@@ -164,8 +164,7 @@ class CompositionalWorld(ToyWorld):
     def describe(self, image: Image.Image | np.ndarray, caption: str) -> str:
         from diffusion_po.toy import compositional_oracle
 
-        seen = compositional_oracle.detect(image)
-        return "; ".join(o.phrase() for o in seen) or "nothing"
+        return compositional_oracle.seen_caption(image, caption)
 
     def result_from_dict(self, data: dict[str, Any]) -> Any:
         from diffusion_po.toy.compositional_oracle import CompResult
