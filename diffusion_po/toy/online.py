@@ -394,6 +394,7 @@ def plot_rounds(runs: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from diffusion_po.toy.worlds import get_world
 
@@ -412,6 +413,7 @@ def plot_rounds(runs: Sequence[dict[str, Any]], path: Path) -> None:
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round (0 = base)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
