@@ -118,6 +118,8 @@ def test_bad_input_is_a_one_line_error(capsys):
     assert "--real-fraction" in capsys.readouterr().err
     assert main(["toy", "online", "curated", "--real-fraction", "1.5"]) == 2
     assert "--real-fraction" in capsys.readouterr().err
+    assert main(["toy", "online", "curated", "--prompts", "0"]) == 2
+    assert "--prompts must be positive" in capsys.readouterr().err
 
 
 def test_trainer_config_of_a_run(tmp_path, tiny_base):

@@ -101,9 +101,11 @@ def check_run(cfg: OnlineRunConfig) -> None:
 
     if cfg.method not in ONLINE_METHODS:
         raise UserError(f"unknown online method '{cfg.method}'; choose one of {', '.join(ONLINE_METHODS)}")
-    for name in ("rounds", "n_prompts", "n_val", "diversity_prompts", "diversity_samples", "steps"):
+    flags = {"rounds": "--rounds", "n_prompts": "--prompts", "n_val": "--val", "diversity_prompts": "--diversity-prompts",
+             "diversity_samples": "--diversity-samples", "steps": "--sample-steps"}
+    for name, flag in flags.items():
         if getattr(cfg, name) <= 0:
-            raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
+            raise UserError(f"{flag} must be positive, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.real_fraction <= 1.0:
         raise UserError(f"--real-fraction must be in [0, 1], got {cfg.real_fraction}")
     if cfg.real_fraction > 0 and cfg.method != "curated":
@@ -157,7 +159,7 @@ def _steps_per_round(config_file: str, overrides: list[str]) -> int:
     from diffusion_po.config import apply_overrides, load_yaml
 
     data = apply_overrides(json.loads(json.dumps(load_yaml(config_file))), overrides)
-    return int(data.get("method_options", {}).get("steps_per_round", 10))
+    return int(data["method_options"]["steps_per_round"])  # every shipped toy_METHOD config sets it
 
 
 def toy_run(cfg: OnlineRunConfig) -> Any:
