@@ -122,6 +122,18 @@ def test_bad_input_is_a_one_line_error(capsys):
     assert "--prompts must be positive" in capsys.readouterr().err
 
 
+def test_online_verbs_have_help(capsys):
+    from diffusion_po.cli import main
+
+    for verb, flags in (("online", ("--rounds", "--prompts", "--real-fraction", "--bias", "--set", "--compare",
+                                    "--threads", *online.ONLINE_METHODS)), ("online-plot", ("RUN", "--out"))):
+        with pytest.raises(SystemExit) as exc:
+            main(["toy", verb, "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert all(flag in text for flag in flags), text
+
+
 def test_trainer_config_of_a_run(tmp_path, tiny_base):
     """Rounds, one checkpoint per round, the world's oracle (with the bias) as reward, the data format; the
     user's --set (the reference of online DPO) wins."""
