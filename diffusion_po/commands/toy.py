@@ -7,6 +7,9 @@ experiments of docs/methods.md and docs/sampling.md, evaluate).
     diffusion-po toy eval  [--model DIR] [--unet DIR | --lora DIR] [--n 263] [--out scores.jsonl]
     diffusion-po toy method NAME [--out runs/toy_NAME] [--pairs 1000] [--pairs-file F] [--cache-dir D]
     diffusion-po toy table RUN [RUN ...]
+    diffusion-po toy online curated|online_dpo [--out runs/toy_online_METHOD] [--rounds 5] [--prompts 512]
+                           [--real-fraction 0.5] [--bias red:0.3] [--set key=value] [--compare RUN]
+    diffusion-po toy online-plot RUN [RUN ...] --out curves.png
     diffusion-po toy scales [--scales 1,2,4,8] [--val 152]
     diffusion-po toy shift CHECKPOINT
     diffusion-po toy perp-neg [--out runs/toy_perp_neg] [--n 240]
@@ -139,6 +142,41 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
                    help="(self_npo) train from these images (an experts.jsonl) instead of prompts only")
     p.add_argument("--cache-dir", default=None, help="cache the base model's validation/test rewards here")
     p.set_defaults(func=run_method)
+
+    from diffusion_po.toy.online import ONLINE_METHODS
+
+    p = verbs.add_parser("online", help="online preference learning round by round (curated retraining, online "
+                         "DPO): reward, oracle parts, bias prevalence and diversity per round",
+                         description="Train an online method through the shared trainer on the toy world, one "
+                         "checkpoint per round, and evaluate every round with the unbiased oracle (docs/toy.md, "
+                         "\"Online preference learning\"); writes results.json, report.md and curves.png into --out.")
+    p.add_argument("name", choices=ONLINE_METHODS, metavar="METHOD", help=f"the method: {', '.join(ONLINE_METHODS)}")
+    p.add_argument("--out", default=None, help="run folder (default: runs/toy_online_METHOD)")
+    _world_argument(p)
+    p.add_argument("--model", default=None, help="toy base folder (default: the world's shipped or cached base)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds (each of the config's steps_per_round steps)")
+    p.add_argument("--prompts", type=int, default=512, help="train captions the rounds sample for")
+    p.add_argument("--real-fraction", type=float, default=0.0, metavar="LAMBDA",
+                   help="(curated) share of training rows that are real images: expert drawings of the captions")
+    p.add_argument("--bias", default=None, metavar="COLOUR:WEIGHT",
+                   help="give the reward a known bias: + WEIGHT x the foreground share of COLOUR (e.g. red:0.3)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a trainer key, e.g. --set method_options.reference=refresh (repeatable)")
+    p.add_argument("--val", type=int, default=152, help="validation items per round")
+    p.add_argument("--diversity-prompts", type=int, default=8, help="validation captions of the diversity measure")
+    p.add_argument("--diversity-samples", type=int, default=16, help="samples per diversity caption")
+    p.add_argument("--sample-steps", type=int, default=10, help="evaluation sampler steps (DPM-Solver++)")
+    p.add_argument("--guidance", type=float, default=4.0, help="evaluation classifier-free guidance scale")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN",
+                   help="an earlier online run folder to draw on the same curves.png (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.set_defaults(func=run_online)
+
+    p = verbs.add_parser("online-plot", help="the per-round curves of finished `toy online` runs on one plot")
+    p.add_argument("folders", nargs="+", metavar="RUN", help="run folders (with results.json)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=run_online_plot)
 
     p = verbs.add_parser("table", help="a markdown table of finished toy runs")
     p.add_argument("folders", nargs="+", metavar="RUN", help="run folders (with results.json)")
@@ -308,6 +346,37 @@ def run_method(args: argparse.Namespace) -> int:
     wr = res["win_rate"]
     print(f"{args.name}: win rate {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] (n={wr['n']}); "
           f"report in {out}/report.md")
+    return 0
+
+
+def run_online(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.online import OnlineRunConfig, check_run, load_results
+    from diffusion_po.toy.online import run_online as run
+
+    _set_threads(args.threads)
+    cfg = OnlineRunConfig(method=args.name, out=args.out, world=args.world, model=args.model, rounds=args.rounds,
+                          n_prompts=args.prompts, real_fraction=args.real_fraction, bias=args.bias,
+                          overrides=list(args.overrides), n_val=args.val, diversity_prompts=args.diversity_prompts,
+                          diversity_samples=args.diversity_samples, steps=args.sample_steps, scale=args.guidance,
+                          threads=args.threads, keep_checkpoints=args.keep_checkpoints)
+    check_run(cfg)
+    for folder in args.compare:
+        load_results(folder)
+    res = run(cfg, args.compare)
+    first, last = res["rounds"][0], res["rounds"][-1]
+    print(f"{res['label']}: validation reward {first['reward']:.4f} (base) -> {last['reward']:.4f} (round "
+          f"{last['round']}); diversity {first.get('entropy', 0):.2f} -> {last.get('entropy', 0):.2f} bits; "
+          f"report in {cfg.folder / 'report.md'}")
+    return 0
+
+
+def run_online_plot(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.online import load_results, plot_rounds
+
+    runs = [load_results(f) for f in args.folders]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plot_rounds(runs, Path(args.out))
+    print(args.out)
     return 0
 
 

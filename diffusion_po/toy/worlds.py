@@ -8,8 +8,8 @@ the online runs) runs on either.
   shipped base is `assets/base`.
 
 `get_world(name)` returns one; each has `prompts(n, seed, split)`, `score(image, caption)` (a result with
-`.reward` and `.to_dict()`), `summarize(results)`, `describe(image, caption)`, `result_from_dict`, the
-report's rows (`report_parts`) and the validation curve's keys (`curve_keys`).
+`.reward` and `.to_dict()`), `summarize(results)`, `describe(image, caption)`, `result_from_dict`,
+`expert_images(captions)`, the report's rows (`report_parts`) and the validation curve's keys (`curve_keys`).
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ class ToyWorld:
         """The `toy.build.BuildConfig` of this world's shipped base (with another seed)."""
         raise NotImplementedError
 
+    def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
+        """Drawings that satisfy `captions` exactly (the real data of the online runs)."""
+        raise NotImplementedError
+
 
 class SimpleWorld(ToyWorld):
     name = "simple"
@@ -129,6 +133,11 @@ class SimpleWorld(ToyWorld):
 
         return BuildConfig(seed=seed)
 
+    def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
+        from diffusion_po.toy import world
+
+        return world.expert_images(captions, seed)
+
 
 class CompositionalWorld(ToyWorld):
     name = "compositional"
@@ -175,6 +184,11 @@ class CompositionalWorld(ToyWorld):
         from diffusion_po.toy.build import BuildConfig
 
         return BuildConfig.compositional(seed)
+
+    def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
+        from diffusion_po.toy import compositional
+
+        return compositional.expert_images(captions, seed)
 
 
 _WORLDS: dict[str, ToyWorld] = {"simple": SimpleWorld(), "compositional": CompositionalWorld()}
