@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a trainer key, e.g. --set learning_rate=1e-6 (repeatable)")
     p.add_argument("--pairs", type=int, default=1000, help="number of preference pairs (train prompts)")
+    p.add_argument("--samples-per-prompt", type=int, default=None,
+                   help="images sampled per pair prompt: 2, or K > 2 for the best and the worst of K (default: "
+                   "the world's main-job setting)")
     p.add_argument("--pairs-file", default=None, help="train on this pairs parquet instead of sampling new pairs")
     p.add_argument("--pair-seed", type=int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping a pair's label")
@@ -76,6 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _world_argument(p)
     p.add_argument("--model", default=None, help="pipeline folder to sample from (default: the shipped toy base)")
     p.add_argument("--n", type=int, default=1000, help="number of pairs")
+    p.add_argument("--samples-per-prompt", type=int, default=2,
+                   help="images sampled per prompt: 2, or K > 2 for the best and the worst of K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--label-noise", type=float, default=0.0)
@@ -212,6 +217,11 @@ def _world_argument(p: argparse.ArgumentParser) -> None:
                    "default) or simple (one or two shapes)")
 
 
+def _check_samples_per_prompt(k: int) -> None:
+    if k < 2:
+        raise UserError(f"--samples-per-prompt must be at least 2 (a pair), got {k}")
+
+
 def _check_positive(**values: int | None) -> None:
     for name, v in values.items():
         if v is not None and v <= 0:
@@ -229,6 +239,9 @@ def run_main(args: argparse.Namespace) -> int:
                        min_margin=args.min_margin, n_val=args.val, n_test=args.test, steps=args.sample_steps,
                        scale=args.guidance, threads=args.threads, keep_checkpoints=args.keep_checkpoints,
                        pairs_file=args.pairs_file, tie_tol=args.tie_tol)
+    if args.samples_per_prompt is not None:
+        _check_samples_per_prompt(args.samples_per_prompt)
+        run.pair_samples = args.samples_per_prompt
     if args.pairs_file and not Path(args.pairs_file).is_file():
         raise UserError(f"--pairs-file {args.pairs_file} does not exist")
     results = run_toy_dpo(run)
@@ -290,9 +303,11 @@ def run_pairs(args: argparse.Namespace) -> int:
     _check_positive(n=args.n, sample_steps=args.sample_steps)
     if not 0.0 <= args.label_noise < 0.5:
         raise UserError(f"--label-noise must be in [0, 0.5), got {args.label_noise}")
+    _check_samples_per_prompt(args.samples_per_prompt)
     _set_threads(args.threads)
     summary = write_pairs(_pipe(args.model, args.world), args.out, args.n, args.seed, args.split, args.label_noise,
-                          args.min_margin, args.sample_steps, args.guidance, world=args.world)
+                          args.min_margin, args.sample_steps, args.guidance, world=args.world,
+                          samples_per_prompt=args.samples_per_prompt)
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 
