@@ -342,6 +342,12 @@ def _spread(s: dict[str, float | None], scale: float = 1.0, digits: int = 3, sig
     return f"{scale * s['mean']:{sign}.{digits}f} ± {sd}"
 
 
+def _seconds(per_seed: list[dict[str, Any]]) -> str:
+    """The mean wall time of a method's runs (sampling, training, validation and test)."""
+    times = [p["total_s"] for p in per_seed if p.get("total_s") is not None]
+    return f"{sum(times) / len(times):.0f}" if times else "–"
+
+
 def leaderboard_markdown(cfg: CompareConfig, rows: list[dict[str, Any]]) -> str:
     """leaderboard.md: the protocol in a paragraph, then one row per method (best win rate first)."""
     every = cfg.train_steps // cfg.checkpoints
@@ -350,13 +356,14 @@ def leaderboard_markdown(cfg: CompareConfig, rows: list[dict[str, Any]]) -> str:
         f"Every method at the same budget per seed: {cfg.train_steps} optimizer steps (a checkpoint every {every}, "
         f"chosen on {cfg.n_val} validation items; step 0, the base, competes) and {2 * cfg.n_pairs} generated "
         f"training images ({cfg.n_pairs} pairs x 2, shared by the offline methods; the online methods: "
-        f"{cfg.checkpoints} rounds x prompts x K; Self-NPO: prompts only). Test: {cfg.n_test} held-out items per "
+        f"{cfg.checkpoints} round(s) x prompts x K; Self-NPO: prompts only). Test: {cfg.n_test} held-out items per "
         "seed, base and method with the same sampling seeds. Intervals: 95% paired bootstrap over the test prompts, "
         "the items of all seeds pooled; ± : the standard deviation of the per-seed values. NPO and Self-NPO "
-        "are scored as the negative branch of NPO guidance against plain CFG.", "",
+        "are scored as the negative branch of NPO guidance against plain CFG; s per run: the mean wall time of "
+        "one run (DRO's replay buffer and Self-NPO's teacher rollouts sample inside their training steps).", "",
         "| rank | method | seeds | win rate [95% CI] | per seed | reward gain [95% CI] | per seed "
-        "| accuracy gain, points [95% CI] | per seed | chosen steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| accuracy gain, points [95% CI] | per seed | chosen steps | s per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows, 1):
         name = f"{r['method']} (NPO guidance)" if r["guidance"] else r["method"]
@@ -366,7 +373,7 @@ def leaderboard_markdown(cfg: CompareConfig, rows: list[dict[str, Any]]) -> str:
             f"| {_spread(sp['win_rate'])} | {_interval(r['reward_gain'], digits=4, sign='+')} "
             f"| {_spread(sp['reward_gain'], digits=4, sign='+')} "
             f"| {_interval(r['accuracy_gain'], 100, 1, '+')} | {_spread(sp['accuracy_gain'], 100, 1, '+')} "
-            f"| {', '.join(str(p['chosen_step']) for p in r['per_seed'])} |")
+            f"| {', '.join(str(p['chosen_step']) for p in r['per_seed'])} | {_seconds(r['per_seed'])} |")
     return "\n".join(lines) + "\n"
 
 
