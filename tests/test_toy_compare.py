@@ -209,15 +209,37 @@ def test_compare_resumes_where_it_stopped(finished, tiny_base, tmp_path, capsys)
     assert "holds a compare with other settings (n_val: 2)" in capsys.readouterr().err
 
 
+def test_toy_method_runs_curated_on_the_train_prompts_with_the_world_oracle(tiny_base, tmp_path):
+    from diffusion_po.cli import main
+
+    out = tmp_path / "curated"
+    assert main(["toy", "method", "curated", "--out", str(out), "--model", str(tiny_base), "--val", "2",
+                 "--test", "2", "--threads", "1", "--set", "max_train_steps=2", "--set", "checkpointing_steps=1",
+                 "--set", "train_batch_size=1", "--set", "method_options.rounds=2",
+                 "--set", "method_options.steps_per_round=1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    options = res["train_config"]["method_options"]
+    assert res["method"] == "curated" and options["reward"]["name"] == "toy_compositional"
+    assert [row["step"] for row in res["val_curve"]] == [0, 1, 2] and res["win_rate"]["n"] == 2
+    from diffusion_po.toy.worlds import get_world
+
+    assert (out / "prompts.txt").read_text().split("\n")[:-1] == get_world("compositional").split_captions("train")
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics if "round" in m] == [1, 2]  # one round per step, as set
+
+
 @pytest.mark.slow  # worker processes start in ~15 s
 def test_jobs_run_in_worker_processes_with_the_same_results(finished, tiny_base, tmp_path):
-    """--jobs 2: the seeds' pairs sampled in two worker processes equal the ones sampled in this process."""
+    """--jobs 2: pairs sampled in worker processes equal the ones sampled in this process, and a run on pairs
+    waits for its seed's pairs."""
     import pyarrow.parquet as pq
 
     cfg = compare.CompareConfig(out=str(tmp_path), model=str(tiny_base), methods=("dpo",), seeds=(0, 1), n_pairs=4,
-                                n_val=2, n_test=3, train_steps=2, checkpoints=1, threads=1, jobs=2)
-    compare._run_tasks(cfg, [("pairs", 0, ""), ("pairs", 1, "")])
+                                n_val=2, n_test=3, train_steps=2, checkpoints=1, threads=1, jobs=2,
+                                overrides=["train_batch_size=2", "lr_warmup_steps=0"])
+    compare._run_tasks(cfg, [("pairs", 0, ""), ("run", 0, "dpo"), ("pairs", 1, "")])
     for seed in (0, 1):
         assert pq.read_table(tmp_path / str(seed) / "pairs.parquet").equals(
             pq.read_table(finished / str(seed) / "pairs.parquet"))
         assert "toy pairs: sampling" in (tmp_path / str(seed) / "pairs.log").read_text()  # each worker's output
+    assert compare.is_finished(tmp_path / "0" / "dpo") and "validation" in (tmp_path / "0" / "dpo.log").read_text()

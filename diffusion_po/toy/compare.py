@@ -227,24 +227,37 @@ def _task(cfg: CompareConfig, kind: str, seed: int, method: str, log: str | None
         work()
 
 
+def _ready(cfg: CompareConfig, kind: str, seed: int, method: str) -> bool:
+    """Whether a task can start: a run on pairs needs its seed's pairs parquet."""
+    return kind == "pairs" or method in PROMPTS_ONLY or pairs_path(cfg, seed).is_file()
+
+
 def _run_tasks(cfg: CompareConfig, tasks: list[tuple[str, int, str]]) -> None:
-    """Run `tasks` one after another, or `cfg.jobs` at once in worker processes (output in each run's log.txt)."""
+    """Run `tasks` (kind, seed, method) in order, one after another, or `cfg.jobs` at once in worker processes
+    (each run's output in `SEED/METHOD.log`), where a run on pairs starts once its seed's pairs are written."""
     if cfg.jobs == 1:
         for kind, seed, method in tasks:
             print(f"toy compare: {kind} seed {seed}{' ' + method if method else ''}", flush=True)
             _task(cfg, kind, seed, method, None)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    queue, running = list(tasks), {}
     with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = []
-        for kind, seed, method in tasks:
-            log = (Path(cfg.out) / str(seed) / (f"{method}.log" if method else "pairs.log")).resolve()
-            futures.append((f"{kind} seed {seed} {method}", pool.submit(_task, cfg, kind, seed, method, str(log))))
-        for name, future in futures:
-            future.result()  # the first failure stops the compare (a rerun resumes)
-            print(f"toy compare: done {name}", flush=True)
+        while queue or running:
+            while len(running) < cfg.jobs and (task := next((t for t in queue if _ready(cfg, *t)), None)):
+                queue.remove(task)
+                kind, seed, method = task
+                log = (Path(cfg.out) / str(seed) / (f"{method}.log" if method else "pairs.log")).resolve()
+                running[pool.submit(_task, cfg, kind, seed, method, str(log))] = task
+                print(f"toy compare: {kind} seed {seed}{' ' + method if method else ''} (log: {log})", flush=True)
+            if not running:
+                raise RuntimeError(f"toy compare: {queue[0]} waits for pairs that no task writes")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, seed, method = running.pop(future)
+                future.result()  # the first failure stops the compare (the runs in flight finish; a rerun resumes)
 
 
 def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
@@ -256,8 +269,9 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     _check_protocol(cfg)
     todo = [(s, m) for s in cfg.seeds for m in cfg.methods if not is_finished(run_dir(cfg, s, m))]
     pairs = sorted({s for s, m in todo if m not in PROMPTS_ONLY and not pairs_path(cfg, s).is_file()})
-    _run_tasks(cfg, [("pairs", s, "") for s in pairs])
-    _run_tasks(cfg, [("run", s, m) for s, m in todo])
+    # the pairs first; then the runs on prompts only, which need no pairs (with --jobs they start beside them)
+    runs = sorted(todo, key=lambda t: t[1] not in PROMPTS_ONLY)
+    _run_tasks(cfg, [("pairs", s, "") for s in pairs] + [("run", s, m) for s, m in runs])
     rows = aggregate(cfg)
     write_leaderboard(cfg, rows)
     return rows
