@@ -8,7 +8,7 @@ experiments of docs/methods.md and docs/sampling.md, evaluate).
     diffusion-po toy method NAME [--out runs/toy_NAME] [--pairs 1000] [--pairs-file F] [--cache-dir D]
     diffusion-po toy table RUN [RUN ...]
     diffusion-po toy compare [--out runs/toy_compare] [--methods dpo,npo,...] [--seeds 0,1,2] [--pairs 1000]
-                             [--steps 250] [--jobs 2]     # the leaderboard: every method, same budget, seeds
+                             [--steps 100] [--jobs 2]     # the leaderboard: every method, same budget, seeds
     diffusion-po toy scales [--scales 1,2,4,8] [--val 152]
     diffusion-po toy shift CHECKPOINT
     diffusion-po toy perp-neg [--out runs/toy_perp_neg] [--n 240]
@@ -153,11 +153,11 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
                    "dro, kto, mapo, sft, robust_dpo, curated, online_dpo)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: pair sampling and trainer (default 0,1,2)")
     p.add_argument("--pairs", type=int, default=1000, help="pairs per seed: 2 x pairs generated images per method")
-    p.add_argument("--val", type=int, default=152, help="validation items (checkpoint choice)")
+    p.add_argument("--val", type=int, default=100, help="validation items (checkpoint choice; default 100)")
     p.add_argument("--test", type=int, default=263, help="held-out test items per seed")
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps of every method (default 250)")
-    p.add_argument("--checkpoints", type=int, default=5,
-                   help="validation candidates per run (the online methods' rounds; default 5)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of every method (default 100)")
+    p.add_argument("--checkpoints", type=int, default=4,
+                   help="validation candidates per run (the online methods' rounds; default 4)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per run (default: torch's; with --jobs: the CPUs shared out)")
