@@ -402,7 +402,8 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.4), sharey=True, squeeze=False)
+    height = 0.45 * len(rows) + 1.4
+    fig, axes = plt.subplots(1, 2, figsize=(10, height), sharey=True, squeeze=False)
     ys = list(range(len(rows)))[::-1]
     for ax, key, scale, ref, title in ((axes[0][0], "win_rate", 1.0, 0.5, "win rate over the base"),
                                        (axes[0][1], "accuracy_gain", 100.0, 0.0, "accuracy gain (points)")):
@@ -418,8 +419,9 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axvline(scale * ref, color="grey", ls=":", lw=1)
         ax.set_title(title, fontsize=10)
     axes[0][0].set_yticks(ys, [r["method"] for r in rows])
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    axes[0][0].set_ylim(-0.6, len(rows) - 0.4)
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))  # room for the legend below
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
