@@ -3,12 +3,14 @@ main job's trainer configuration."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusion_po.errors import ConfigError
 from diffusion_po.toy import build, oracle, world
@@ -70,8 +72,11 @@ def test_pairs_parquet_round_trip_through_the_loader(small_base, tmp_path):
         world.parse_caption(r["caption_1"])
     # same seeds, same pairs
     again = tmp_path / "again.parquet"
-    toy_pairs.write_pairs(pipe, again, n_prompts=6, seed=2, steps=2, batch_size=8, progress=False)
+    toy_pairs.write_pairs(pipe, again, n_prompts=6, seed=2, steps=2, batch_size=8, progress=False, world="simple")
     assert [r["jpg_0"] for r in toy_pairs.read_pairs(again)] == [r["jpg_0"] for r in rows]
+    assert [(r["seed_0"], r["seed_1"]) for r in rows] == [(2 * 1_000_003 + 2 * i, 2 * 1_000_003 + 2 * i + 1)
+                                                          for i in range(6)]
+
 
     for fmt in ("pickapic", "dcpo"):
         cfg = DataConfig(format=fmt, data_files=[str(path)], random_flip=False, drop_ties=True)
@@ -332,3 +337,26 @@ def test_builder_writes_the_classic_text_encoder_layout(tmp_path):
     loaded = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_pairs_of_k_samples_are_the_best_and_the_worst(small_base, tmp_path):
+    """With samples_per_prompt K > 2 each pair is the best and the worst of the prompt's K samples (in sample
+    order), each sample with its own seed."""
+    pipe = toy_pairs.load_pipeline(small_base)
+    k, n, seed = 3, 4, 5
+    toy_pairs.write_pairs(pipe, tmp_path / "k3.parquet", n_prompts=n, seed=seed, steps=2, batch_size=8,
+                          progress=False, world="simple", samples_per_prompt=k)
+    rows = toy_pairs.read_pairs(tmp_path / "k3.parquet")
+    prompts = [r["caption"] for r in rows]
+    seeds = [[seed * 1_000_003 + k * i + j for j in range(k)] for i in range(n)]
+    images = toy_pairs.sample(pipe, [p for p in prompts for _ in range(k)], [s for row in seeds for s in row], steps=2,
+                              batch_size=8)
+    for i, r in enumerate(rows):
+        rewards = [oracle.reward(Image.open(io.BytesIO(toy_pairs.jpeg_bytes(images[i * k + j]))), r["caption"])
+                   for j in range(k)]
+        best, worst = rewards.index(max(rewards)), rewards.index(min(rewards))
+        first, second = (0, 1) if best == worst else sorted((best, worst))
+        assert (r["seed_0"], r["seed_1"]) == (seeds[i][first], seeds[i][second])
+        assert (r["reward_0"], r["reward_1"]) == pytest.approx((rewards[first], rewards[second]))
+    with pytest.raises(ValueError, match="at least 2"):
+        toy_pairs.write_pairs(pipe, tmp_path / "k1.parquet", n_prompts=1, samples_per_prompt=1, world="simple")

@@ -116,6 +116,10 @@ def test_every_method_gets_the_same_steps_and_generated_images(tmp_path):
             assert spent.generated_images == (0 if method == "self_npo" else 2000)
     assert compare.budget(cfg, "curated").online["train_batch_size"] == 5  # 2000 / (100 x K 4)
     assert compare.budget(cfg, "online_dpo").online["train_batch_size"] == 10  # 2000 / (100 x K 2)
+    best_of_4 = dataclasses.replace(cfg, run_defaults={"pair_samples": 4})  # a pair: the best and worst of 4
+    assert compare.budget(best_of_4, "dpo").generated_images == 4000
+    assert compare.budget(best_of_4, "online_dpo").online["train_batch_size"] == 20  # 4000 / (100 x 2)
+    assert compare.run_config(best_of_4, 0, "dpo").pair_samples == 4
 
 
 def test_sizes_that_cannot_be_met_exactly_are_refused():

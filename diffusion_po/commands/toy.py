@@ -9,6 +9,9 @@ experiments of docs/methods.md and docs/sampling.md, evaluate).
     diffusion-po toy table RUN [RUN ...]
     diffusion-po toy compare [--out runs/toy_compare] [--methods dpo,npo,...] [--seeds 0,1,2] [--pairs 1000]
                              [--steps 100] [--jobs 2]     # the leaderboard: every method, same budget, seeds
+    diffusion-po toy online curated|online_dpo [--out runs/toy_online_METHOD] [--rounds 5] [--prompts 512]
+                           [--real-fraction 0.5] [--bias red:0.3] [--set key=value] [--compare RUN]
+    diffusion-po toy online-plot RUN [RUN ...] --out curves.png
     diffusion-po toy scales [--scales 1,2,4,8] [--val 152]
     diffusion-po toy shift CHECKPOINT
     diffusion-po toy perp-neg [--out runs/toy_perp_neg] [--n 240]
@@ -44,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a trainer key, e.g. --set learning_rate=1e-6 (repeatable)")
     p.add_argument("--pairs", type=int, default=1000, help="number of preference pairs (train prompts)")
+    p.add_argument("--samples-per-prompt", type=int, default=None,
+                   help="images sampled per pair prompt: 2, or K > 2 for the best and the worst of K (default: "
+                   "the world's main-job setting)")
     p.add_argument("--pairs-file", default=None, help="train on this pairs parquet instead of sampling new pairs")
     p.add_argument("--pair-seed", type=int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping a pair's label")
@@ -62,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _world_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None,
-                   help="UNet + text encoder steps (default: the world's shipped recipe, 1500 or 3000)")
+                   help="UNet + text encoder steps (default: the world's shipped recipe: 3000)")
     p.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (default 1200)")
     p.add_argument("--images", type=int, default=None, help="rendered training images (default 40000)")
     p.add_argument("--batch", type=int, default=None, help="UNet batch size (default 32)")
@@ -75,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _world_argument(p)
     p.add_argument("--model", default=None, help="pipeline folder to sample from (default: the shipped toy base)")
     p.add_argument("--n", type=int, default=1000, help="number of pairs")
+    p.add_argument("--samples-per-prompt", type=int, default=2,
+                   help="images sampled per prompt: 2, or K > 2 for the best and the worst of K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--label-noise", type=float, default=0.0)
@@ -166,6 +174,41 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
                    "batch sizes win)")
     p.set_defaults(func=run_compare)
 
+    from diffusion_po.toy.online import ONLINE_METHODS
+
+    p = verbs.add_parser("online", help="online preference learning round by round (curated retraining, online "
+                         "DPO): reward, oracle parts, bias prevalence and diversity per round",
+                         description="Train an online method through the shared trainer on the toy world, one "
+                         "checkpoint per round, and evaluate every round with the unbiased oracle (docs/toy.md, "
+                         "\"Online preference learning\"); writes results.json, report.md and curves.png into --out.")
+    p.add_argument("name", choices=ONLINE_METHODS, metavar="METHOD", help=f"the method: {', '.join(ONLINE_METHODS)}")
+    p.add_argument("--out", default=None, help="run folder (default: runs/toy_online_METHOD)")
+    _world_argument(p)
+    p.add_argument("--model", default=None, help="toy base folder (default: the world's shipped or cached base)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds (each of the config's steps_per_round steps)")
+    p.add_argument("--prompts", type=int, default=512, help="train captions the rounds sample for")
+    p.add_argument("--real-fraction", type=float, default=0.0, metavar="LAMBDA",
+                   help="(curated) share of training rows that are real images: expert drawings of the captions")
+    p.add_argument("--bias", default=None, metavar="COLOUR:WEIGHT",
+                   help="give the reward a known bias: + WEIGHT x the foreground share of COLOUR (e.g. red:0.3)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a trainer key, e.g. --set method_options.reference=refresh (repeatable)")
+    p.add_argument("--val", type=int, default=152, help="validation items per round")
+    p.add_argument("--diversity-prompts", type=int, default=8, help="validation captions of the diversity measure")
+    p.add_argument("--diversity-samples", type=int, default=16, help="samples per diversity caption")
+    p.add_argument("--sample-steps", type=int, default=10, help="evaluation sampler steps (DPM-Solver++)")
+    p.add_argument("--guidance", type=float, default=4.0, help="evaluation classifier-free guidance scale")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN",
+                   help="an earlier online run folder to draw on the same curves.png (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.set_defaults(func=run_online)
+
+    p = verbs.add_parser("online-plot", help="the per-round curves of finished `toy online` runs on one plot")
+    p.add_argument("folders", nargs="+", metavar="RUN", help="run folders (with results.json)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=run_online_plot)
+
     p = verbs.add_parser("table", help="a markdown table of finished toy runs")
     p.add_argument("folders", nargs="+", metavar="RUN", help="run folders (with results.json)")
     p.set_defaults(func=run_table)
@@ -200,6 +243,11 @@ def _world_argument(p: argparse.ArgumentParser) -> None:
                    "default) or simple (one or two shapes)")
 
 
+def _check_samples_per_prompt(k: int) -> None:
+    if k < 2:
+        raise UserError(f"--samples-per-prompt must be at least 2 (a pair), got {k}")
+
+
 def _check_positive(**values: int | None) -> None:
     for name, v in values.items():
         if v is not None and v <= 0:
@@ -217,6 +265,9 @@ def run_main(args: argparse.Namespace) -> int:
                        min_margin=args.min_margin, n_val=args.val, n_test=args.test, steps=args.sample_steps,
                        scale=args.guidance, threads=args.threads, keep_checkpoints=args.keep_checkpoints,
                        pairs_file=args.pairs_file, tie_tol=args.tie_tol)
+    if args.samples_per_prompt is not None:
+        _check_samples_per_prompt(args.samples_per_prompt)
+        run.pair_samples = args.samples_per_prompt
     if args.pairs_file and not Path(args.pairs_file).is_file():
         raise UserError(f"--pairs-file {args.pairs_file} does not exist")
     results = run_toy_dpo(run)
@@ -278,9 +329,11 @@ def run_pairs(args: argparse.Namespace) -> int:
     _check_positive(n=args.n, sample_steps=args.sample_steps)
     if not 0.0 <= args.label_noise < 0.5:
         raise UserError(f"--label-noise must be in [0, 0.5), got {args.label_noise}")
+    _check_samples_per_prompt(args.samples_per_prompt)
     _set_threads(args.threads)
     summary = write_pairs(_pipe(args.model, args.world), args.out, args.n, args.seed, args.split, args.label_noise,
-                          args.min_margin, args.sample_steps, args.guidance, world=args.world)
+                          args.min_margin, args.sample_steps, args.guidance, world=args.world,
+                          samples_per_prompt=args.samples_per_prompt)
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 
@@ -351,6 +404,37 @@ def run_compare(args: argparse.Namespace) -> int:
     print((out / "leaderboard.md").read_text())
     print(f"{len(rows)} methods; leaderboard in {out / 'leaderboard.md'}, {out / 'leaderboard.json'}, "
           f"{out / 'leaderboard.png'}")
+    return 0
+
+
+def run_online(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.online import OnlineRunConfig, check_run, load_results
+    from diffusion_po.toy.online import run_online as run
+
+    _set_threads(args.threads)
+    cfg = OnlineRunConfig(method=args.name, out=args.out, world=args.world, model=args.model, rounds=args.rounds,
+                          n_prompts=args.prompts, real_fraction=args.real_fraction, bias=args.bias,
+                          overrides=list(args.overrides), n_val=args.val, diversity_prompts=args.diversity_prompts,
+                          diversity_samples=args.diversity_samples, steps=args.sample_steps, scale=args.guidance,
+                          threads=args.threads, keep_checkpoints=args.keep_checkpoints)
+    check_run(cfg)
+    for folder in args.compare:
+        load_results(folder)
+    res = run(cfg, args.compare)
+    first, last = res["rounds"][0], res["rounds"][-1]
+    print(f"{res['label']}: validation reward {first['reward']:.4f} (base) -> {last['reward']:.4f} (round "
+          f"{last['round']}); diversity {first.get('entropy', 0):.2f} -> {last.get('entropy', 0):.2f} bits; "
+          f"report in {cfg.folder / 'report.md'}")
+    return 0
+
+
+def run_online_plot(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.online import load_results, plot_rounds
+
+    runs = [load_results(f) for f in args.folders]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plot_rounds(runs, Path(args.out))
+    print(args.out)
     return 0
 
 

@@ -12,8 +12,8 @@ real image and caption and the other rows' captions are the prompts sampled for,
 m = floor(lambda (s + n)) - floor(lambda s) for a batch of n rows after s rows seen, so the share of real
 rows is lambda over the run whatever the batch size. With `data.format: prompts` lambda must be 0.
 
-The paper's warning (curation amplifies the reward model's biases) needs a reward with a known bias; a
-hook for it is not part of this method yet.
+The paper's warning (curation amplifies the reward model's biases) needs a reward with a known bias: the toy
+oracles take one (`reward.options` `bias_colour`, `bias_weight`; `diffusion-po toy online --bias`).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from diffusion_po.toy import world
 
 ASSET_DIR = Path(__file__).parent / "assets" / "base"
 COMPOSITIONAL_ASSET_DIR = Path(__file__).parent / "assets" / "compositional"
-COMPOSITIONAL_STEPS = 1500
+COMPOSITIONAL_STEPS = 3000
 WORLDS = ("simple", "compositional")
 
 

@@ -11,11 +11,12 @@ The defaults are the leaderboard's sizes: all 11 methods x 3 seeds in about 40 m
 The budget, the same for every method of a seed:
 - `--steps` optimizer steps (`max_train_steps`), a checkpoint every steps / `--checkpoints`: the validation
   candidates (step 0, the base, competes too);
-- `2 x --pairs` generated training images: the offline methods (DPO, NPO, DCPO, DRO, KTO, MaPO, SFT, robust
-  DPO) learn from one pairs parquet per seed (2 images per pair, sampled once and shared); the online methods
-  (curated, online DPO) generate theirs during training, `--checkpoints` rounds x prompts per round
-  (steps per round x train_batch_size) x K (their shipped config's `samples_per_prompt`) = 2 x pairs, so their
-  train_batch_size is 2 x pairs / (steps x K). Self-NPO learns from prompts only (it generates no images).
+- `--pairs` x 2 generated training images (x `ToyRunConfig.pair_samples`, 2 unless a pair is the best and
+  the worst of more): the offline methods (DPO, NPO, DCPO, DRO, KTO, MaPO, SFT, robust DPO) learn from one
+  pairs parquet per seed (sampled once and shared); the online methods (curated, online DPO) generate theirs
+  during training, `--checkpoints` rounds x prompts per round (steps per round x train_batch_size) x K (their
+  shipped config's `samples_per_prompt`) = the same number, so their train_batch_size is those images /
+  (steps x K). Self-NPO learns from prompts only (it generates no images).
 
 The seed sets the pairs' `pair_seed` and the trainer's `seed`; the validation and test items are the same for
 every seed and method, and the base model's samples of them are scored once (`OUT/cache`). Each run is a
@@ -108,21 +109,30 @@ def samples_per_prompt(method: str) -> int:
     return int(load_yaml(method_config(method))["method_options"]["samples_per_prompt"])
 
 
+def pair_images(cfg: CompareConfig) -> int:
+    """Images sampled per pair (the runs' `ToyRunConfig.pair_samples`)."""
+    from diffusion_po.toy.experiment import ToyRunConfig
+
+    return ToyRunConfig(**cfg.run_defaults).pair_samples
+
+
 def budget(cfg: CompareConfig, method: str) -> Budget:
     """The compute budget of `method` in the compare `cfg` (a UserError where the sizes cannot be met exactly)."""
     steps, every = cfg.train_steps, cfg.train_steps // cfg.checkpoints
     if steps % cfg.checkpoints:
         raise UserError(f"--steps {steps} must be a multiple of --checkpoints {cfg.checkpoints} (a checkpoint "
                         "every steps / checkpoints steps; the online methods' rounds)")
-    images = 2 * cfg.n_pairs
+    images = cfg.n_pairs * pair_images(cfg)
     if method not in ONLINE:
         return Budget(method, steps, every, 0 if method in PROMPTS_ONLY else images)
     k = samples_per_prompt(method)
     if images % (steps * k):
-        unit = steps * k // math.gcd(steps * k, 2)
+        per_pair = pair_images(cfg)
+        unit = steps * k // math.gcd(steps * k, per_pair)
         raise UserError(f"{method} generates its training images itself (K = {k} per prompt): for the same "
-                        f"{images} images as 2 x --pairs, 2 x pairs must be a multiple of --steps x K = "
-                        f"{steps * k}; use e.g. --pairs {unit * math.ceil(cfg.n_pairs / unit)}, or other --steps")
+                        f"{images} images as the pairs ({per_pair} per pair), {per_pair} x pairs must be a multiple "
+                        f"of --steps x K = {steps * k}; use e.g. --pairs {unit * math.ceil(cfg.n_pairs / unit)}, "
+                        "or other --steps")
     online = {"rounds": cfg.checkpoints, "steps_per_round": every, "train_batch_size": images // (steps * k),
               "samples_per_prompt": k}
     return Budget(method, steps, every, images, online)
@@ -371,8 +381,9 @@ def leaderboard_markdown(cfg: CompareConfig, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# Toy-world method leaderboard ({cfg.world} world)", "",
         f"Every method at the same budget per seed: {cfg.train_steps} optimizer steps (a checkpoint every {every}, "
-        f"chosen on {cfg.n_val} validation items; step 0, the base, competes) and {2 * cfg.n_pairs} generated "
-        f"training images ({cfg.n_pairs} pairs x 2, shared by the offline methods; the online methods: "
+        f"chosen on {cfg.n_val} validation items; step 0, the base, competes) and {cfg.n_pairs * pair_images(cfg)} "
+        f"generated training images ({cfg.n_pairs} pairs x {pair_images(cfg)}, shared by the offline methods; the "
+        "online methods: "
         f"{cfg.checkpoints} round(s) x prompts x K; Self-NPO: prompts only). Test: {cfg.n_test} held-out items per "
         "seed, base and method with the same sampling seeds. Intervals: 95% paired bootstrap over the test prompts, "
         "the items of all seeds pooled; ± : the standard deviation of the per-seed values. NPO and Self-NPO "

@@ -260,6 +260,51 @@ def explain(caption: str | CompSpec, image: Image.Image | np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def seen_caption(image: Image.Image | np.ndarray, caption: str | CompSpec) -> str:
+    """What the oracle sees, as a caption of the same kind as `caption` (the per-image captions of DCPO data).
+
+    A group becomes the count seen with the majority colour and shape; a pair the two objects matched to the
+    caption's, with the sizes and the relation that hold between them; "without X" stays only while X is
+    absent. Where the seen scene is not a caption of the grammar (no objects, five of them, a pair of one
+    colour), the caption itself is returned.
+    """
+    from collections import Counter
+
+    from diffusion_po.toy.compositional import RELATIONS, Thing
+
+    spec = parse_caption(caption) if isinstance(caption, str) else caption
+    objects = detect(image)
+    without = spec.without
+    if without and oracle.colour_fraction(image, without) * RESOLUTION * RESOLUTION >= NEGATION_TRACE:
+        without = None
+    if not spec.is_pair:
+        if not 1 <= len(objects) <= 4:
+            return spec.caption()
+        colour = Counter(o.colour for o in objects).most_common(1)[0][0]
+        shape = Counter(o.shape for o in objects).most_common(1)[0][0]
+        seen = CompSpec((Thing(colour, shape),), count=len(objects), without=without)
+    else:
+        matched = _match(spec, objects)
+        if matched is None:
+            return spec.caption()
+        a, b = matched
+        sizes: tuple[str | None, str | None] = (None, None)
+        if spec.things[0].size:
+            sizes = ("large", "small") if a.half >= b.half else ("small", "large")
+        relation = None
+        if spec.relation:
+            relation = max(RELATIONS, key=lambda r: relation_margin((a.cx, a.cy), (b.cx, b.cy), r))
+        seen = CompSpec((Thing(a.colour, a.shape, sizes[0]), Thing(b.colour, b.shape, sizes[1])), relation=relation,
+                        without=without)
+    if seen.without in seen.colours():
+        seen = CompSpec(seen.things, seen.count, seen.relation, None)
+    try:
+        seen.validate()
+    except ValueError:
+        return spec.caption()
+    return seen.caption()
+
+
 def score_many(images: list, captions: list[str]) -> list[CompResult]:
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -284,5 +329,6 @@ def summarize(results: list[CompResult]) -> dict[str, float]:
 
 
 __all__ = [
-    "MIN_AREA", "CompResult", "SeenObject", "detect", "explain", "reward", "score", "score_many", "summarize",
+    "MIN_AREA", "CompResult", "SeenObject", "detect", "explain", "reward", "score", "score_many", "seen_caption",
+    "summarize",
 ]

@@ -50,6 +50,8 @@ class ToyRunConfig:
     """A YAML of trainer keys over the shipped configs/toy_dpo.yaml (e.g. configs/toy_kto.yaml)."""
     overrides: list[str] = field(default_factory=list)
     n_pairs: int = 1000
+    pair_samples: int = 2
+    """Images sampled per pair prompt: 2 (the pair), or K > 2 (the pair is the best and the worst of K)."""
     pair_seed: int = 0
     label_noise: float = 0.0
     min_margin: float = 0.0
@@ -134,7 +136,8 @@ def eval_items(run: ToyRunConfig, split: str) -> tuple[list[str], list[int]]:
 def sample_pairs(run: ToyRunConfig, base: Any, path: Path):
     """Oracle-labelled pairs from the base model on train prompts, written to `path` (the run's sizes)."""
     return toy_pairs.write_pairs(base, path, run.n_pairs, run.pair_seed, "train", run.label_noise,
-                                 run.min_margin, run.steps, run.scale, run.batch_size, world=run.world)
+                                 run.min_margin, run.steps, run.scale, run.batch_size, world=run.world,
+                                 samples_per_prompt=run.pair_samples)
 
 
 def train_stage(run: ToyRunConfig, base_path: Path, data_file: Path, train_dir: Path):

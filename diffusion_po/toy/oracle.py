@@ -265,15 +265,17 @@ def describe(image: Image.Image | np.ndarray, caption: str | SceneSpec) -> str:
     return SceneSpec(spec.layout, tuple(shapes)).caption()
 
 
-def colour_fraction(image: Image.Image | np.ndarray, colour: str) -> float:
+def colour_fraction(image: Image.Image | np.ndarray, colour: str, of_foreground: bool = False) -> float:
     """Fraction of the image's pixels that are foreground and within RGB distance 80 of palette colour `colour`
-    (how much of a concept is present; blended edge pixels count for nothing)."""
+    (how much of a concept is present; blended edge pixels count for nothing). `of_foreground`: the fraction of
+    the foreground pixels instead (0 without foreground), so an image drawn all in `colour` scores about 1."""
     if colour not in COLOURS:
         raise ValueError(f"unknown colour '{colour}'; choose one of {', '.join(COLOURS)}")
     arr = to_array(image)
     fg = np.linalg.norm(arr - background_colour(arr), axis=-1) > FG_THRESHOLD
     close = np.linalg.norm(arr - np.array(COLOURS[colour], dtype=np.float64), axis=-1) < 80.0
-    return float((fg & close).sum()) / float(fg.size)
+    total = float(fg.sum()) if of_foreground else float(fg.size)
+    return float((fg & close).sum()) / total if total else 0.0
 
 
 def score_many(images: list, captions: list[str]) -> list[OracleResult]:

@@ -116,31 +116,38 @@ class PairsSummary:
 def write_pairs(pipe: Any, out: str | Path, n_prompts: int, seed: int = 0, split: str = "train",
                 label_noise: float = 0.0, min_margin: float = 0.0, steps: int = DEFAULT_STEPS,
                 scale: float = DEFAULT_SCALE, batch_size: int = 64, progress: bool = True,
-                world: str | ToyWorld | None = None) -> PairsSummary:
-    """Sample two images for each of `n_prompts` prompts of `split` of toy world `world` (default: the
-    compositional one), label them with its oracle, write parquet."""
+                world: str | ToyWorld | None = None, samples_per_prompt: int = 2) -> PairsSummary:
+    """Sample `samples_per_prompt` (K) images for each of `n_prompts` prompts of `split` of toy world `world`
+    (default: the compositional one), label them with its oracle and write parquet: with K = 2 the two
+    images are the pair; with K > 2 the pair is the best and the worst of the K (in sample order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not 0.0 <= label_noise < 0.5:
         raise ValueError(f"label_noise must be in [0, 0.5), got {label_noise}")
+    if samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be at least 2, got {samples_per_prompt}")
+    n_samples = samples_per_prompt
     toy_world = get_world(world)
     prompts = toy_world.prompts(n_prompts, seed, split=split)
-    seeds0 = [seed * 1_000_003 + 2 * i for i in range(n_prompts)]
-    seeds1 = [s + 1 for s in seeds0]
-    images = sample(pipe, prompts + prompts, seeds0 + seeds1, steps, scale, batch_size, progress,
+    seeds = [[seed * 1_000_003 + n_samples * i + j for i in range(n_prompts)] for j in range(n_samples)]
+    images = sample(pipe, prompts * n_samples, [s for block in seeds for s in block], steps, scale, batch_size, progress,
                     desc="toy pairs: sampling")
-    im0, im1 = images[:n_prompts], images[n_prompts:]
     rng = random.Random(seed + 17)
     rows: dict[str, list] = {k: [] for k in ("jpg_0", "jpg_1", "label_0", "label_1", "caption", "caption_0",
                                              "caption_1", "reward_0", "reward_1", "split", "seed_0", "seed_1")}
     ties = flipped = agree = decided = 0
     margins = []
-    for prompt, a, b, s0, s1 in zip(prompts, im0, im1, seeds0, seeds1):
+    for i, prompt in enumerate(prompts):
         # score the JPEG-decoded images: exactly what the trainer will see
-        ja, jb = jpeg_bytes(a), jpeg_bytes(b)
-        ia, ib = Image.open(io.BytesIO(ja)), Image.open(io.BytesIO(jb))
-        ra, rb = toy_world.score(ia, prompt), toy_world.score(ib, prompt)
+        jpegs = [jpeg_bytes(images[j * n_prompts + i]) for j in range(n_samples)]
+        decoded = [Image.open(io.BytesIO(jp)) for jp in jpegs]
+        results = [toy_world.score(im, prompt) for im in decoded]
+        rewards = [r.reward for r in results]
+        best, worst = rewards.index(max(rewards)), rewards.index(min(rewards))
+        first, second = (0, 1) if best == worst else sorted((best, worst))
+        ja, jb, ia, ib, ra, rb = jpegs[first], jpegs[second], decoded[first], decoded[second], results[first], results[second]
+        s0, s1 = seeds[first][i], seeds[second][i]
         margin = ra.reward - rb.reward
         margins.append(abs(margin))
         if abs(margin) <= min_margin or margin == 0:

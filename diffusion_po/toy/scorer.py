@@ -4,6 +4,13 @@ toy_compositional` for the compositional one), and so as rewards of the online m
 The oracle is a deterministic function of pixels and caption (`diffusion_po.toy.oracle`): no weights, no
 network, so `diffusion-po eval generate/score/compare/report` runs offline on toy-world images. Its version
 and checkpoint hash are those of the oracle's source, so scores are redone when the oracle changes.
+
+A reward with a known bias (for the online methods' demonstration that curation amplifies a reward model's
+biases, `diffusion-po toy online --bias red:0.3`): the options `bias_colour` and `bias_weight` add
+
+    bias_weight x (the share of the image's foreground pixels in bias_colour, `oracle.colour_fraction`)
+
+to the reward metric (only: the other metrics stay the oracle's); the version names the bias.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_po.errors import DataError
+from diffusion_po.errors import ConfigError, DataError
 from diffusion_po.eval.scorers.base import Scorer
 from diffusion_po.toy import compositional, compositional_oracle, oracle, world
 
@@ -37,12 +44,38 @@ class ToyOracleScorer(Scorer):
     metrics = TOY_METRICS
     transform_id = "toy_rgb32"
 
-    def __init__(self, device: str | torch.device | None = "cpu", dtype: str = "fp32") -> None:
+    def __init__(self, device: str | torch.device | None = "cpu", dtype: str = "fp32", bias_colour: str | None = None,
+                 bias_weight: float = 0.0) -> None:
         super().__init__(device="cpu", dtype=dtype)  # pure numpy: the device is always the CPU
-        source = Path(oracle.__file__).read_bytes()
-        self.checkpoint = "diffusion_po.toy.oracle (deterministic, no weights)"
+        self._set_source("diffusion_po.toy.oracle", Path(oracle.__file__).read_bytes())
+        if bias_colour is not None and bias_colour not in world.COLOURS:
+            raise ConfigError(f"{self.name} option bias_colour '{bias_colour}': choose one of {', '.join(world.COLOURS)}")
+        try:
+            weight = float(bias_weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.name} option bias_weight '{bias_weight}' must be a number") from None
+        if not np.isfinite(weight) or (weight != 0.0 and bias_colour is None):
+            raise ConfigError(f"{self.name} option bias_weight {bias_weight}: give a finite number together with "
+                              "bias_colour")
+        self.bias_colour, self.bias_weight = bias_colour, weight
+        if self.biased:
+            self.version += f"+bias-{bias_colour}-{weight:g}"
+
+    def _set_source(self, module: str, source: bytes) -> None:
+        """Checkpoint and version from the oracle's source (scores are redone when it changes)."""
+        self.checkpoint = f"{module} (deterministic, no weights)"
         self.checkpoint_hash = "sha256:" + hashlib.sha256(source).hexdigest()
         self.version = "oracle-" + self.checkpoint_hash[7:19]
+
+    @property
+    def biased(self) -> bool:
+        return self.bias_colour is not None and self.bias_weight != 0.0
+
+    def bias(self, image: np.ndarray | Image.Image) -> float:
+        """What the bias adds to one image's reward (0 without a bias)."""
+        if not self.biased:
+            return 0.0
+        return self.bias_weight * oracle.colour_fraction(image, self.bias_colour, of_foreground=True)
 
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         return _to_pixels
@@ -56,7 +89,9 @@ class ToyOracleScorer(Scorer):
             except ValueError as exc:
                 raise DataError(f"metric toy: {exc}; score toy-world runs only "
                                 "(prompts from `diffusion-po toy prompts`)") from exc
-            results.append(oracle.score(arr, spec).to_dict())
+            result = oracle.score(arr, spec).to_dict()
+            result["reward"] += self.bias(arr)
+            results.append(result)
         return {m: torch.tensor([r[m[4:]] for r in results], dtype=torch.float64) for m in self.metrics}
 
 
@@ -71,12 +106,9 @@ class ToyCompositionalScorer(ToyOracleScorer):
     name = "toy_compositional"
     metrics = TOY_COMPOSITIONAL_METRICS
 
-    def __init__(self, device: str | torch.device | None = "cpu", dtype: str = "fp32") -> None:
-        super().__init__(device=device, dtype=dtype)
-        source = Path(compositional_oracle.__file__).read_bytes() + Path(oracle.__file__).read_bytes()
-        self.checkpoint = "diffusion_po.toy.compositional_oracle (deterministic, no weights)"
-        self.checkpoint_hash = "sha256:" + hashlib.sha256(source).hexdigest()
-        self.version = "oracle-" + self.checkpoint_hash[7:19]
+    def _set_source(self, module: str, source: bytes) -> None:
+        super()._set_source("diffusion_po.toy.compositional_oracle",
+                            Path(compositional_oracle.__file__).read_bytes() + source)
 
     def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         arrays = pixels.detach().cpu().round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -88,5 +120,5 @@ class ToyCompositionalScorer(ToyOracleScorer):
                 raise DataError(f"metric toy_compositional: {exc}; score compositional toy-world runs only "
                                 "(prompts from `diffusion-po toy prompts`)") from exc
             r = compositional_oracle.score(arr, spec)
-            rows.append([r.reward, r.share_ok, float(r.correct)])
+            rows.append([r.reward + self.bias(arr), r.share_ok, float(r.correct)])
         return {m: torch.tensor([row[i] for row in rows], dtype=torch.float64) for i, m in enumerate(self.metrics)}

@@ -8,8 +8,8 @@ the online runs) runs on either.
   shipped base is `assets/base`.
 
 `get_world(name)` returns one; each has `prompts(n, seed, split)`, `score(image, caption)` (a result with
-`.reward` and `.to_dict()`), `summarize(results)`, `describe(image, caption)`, `result_from_dict`, the
-report's rows (`report_parts`) and the validation curve's keys (`curve_keys`).
+`.reward` and `.to_dict()`), `summarize(results)`, `describe(image, caption)`, `result_from_dict`,
+`expert_images(captions)`, the report's rows (`report_parts`) and the validation curve's keys (`curve_keys`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ToyWorld:
         raise NotImplementedError
 
     def describe(self, image: Image.Image | np.ndarray, caption: str) -> str:
-        """What the oracle sees in `image`, in words."""
+        """What the oracle sees in `image`, as a caption of the world's grammar (DCPO's per-image captions)."""
         raise NotImplementedError
 
     def result_from_dict(self, data: dict[str, Any]) -> Any:
@@ -78,6 +78,10 @@ class ToyWorld:
 
     def build_config(self, seed: int = 0) -> Any:
         """The `toy.build.BuildConfig` of this world's shipped base (with another seed)."""
+        raise NotImplementedError
+
+    def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
+        """Drawings that satisfy `captions` exactly (the real data of the online runs)."""
         raise NotImplementedError
 
 
@@ -129,6 +133,11 @@ class SimpleWorld(ToyWorld):
 
         return BuildConfig(seed=seed)
 
+    def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
+        from diffusion_po.toy import world
+
+        return world.expert_images(captions, seed)
+
 
 class CompositionalWorld(ToyWorld):
     name = "compositional"
@@ -164,8 +173,7 @@ class CompositionalWorld(ToyWorld):
     def describe(self, image: Image.Image | np.ndarray, caption: str) -> str:
         from diffusion_po.toy import compositional_oracle
 
-        seen = compositional_oracle.detect(image)
-        return "; ".join(o.phrase() for o in seen) or "nothing"
+        return compositional_oracle.seen_caption(image, caption)
 
     def result_from_dict(self, data: dict[str, Any]) -> Any:
         from diffusion_po.toy.compositional_oracle import CompResult
@@ -176,6 +184,11 @@ class CompositionalWorld(ToyWorld):
         from diffusion_po.toy.build import BuildConfig
 
         return BuildConfig.compositional(seed)
+
+    def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
+        from diffusion_po.toy import compositional
+
+        return compositional.expert_images(captions, seed)
 
 
 _WORLDS: dict[str, ToyWorld] = {"simple": SimpleWorld(), "compositional": CompositionalWorld()}

@@ -41,8 +41,8 @@ SCORER_OPTIONS = {
     "clip_openclip": ("checkpoint",),
     "aesthetic": ("checkpoint", "backbone"),
     "imagereward": ("checkpoint", "med_config", "tokenizer"),
-    "toy": (),
-    "toy_compositional": (),
+    "toy": ("bias_colour", "bias_weight"),  # a known bias (diffusion_po.toy.scorer)
+    "toy_compositional": ("bias_colour", "bias_weight"),
 }
 
 
