@@ -28,6 +28,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffusion_po.toy.online import ONLINE_METHODS
+
 if TYPE_CHECKING:  # the toy world's modules load when a function runs: the CLI lists METHODS without them
     from diffusion_po.toy.experiment import ToyRunConfig
 
@@ -35,9 +37,9 @@ if TYPE_CHECKING:  # the toy world's modules load when a function runs: the CLI 
 PAIRED = ("dpo", "dcpo", "mapo", "kto", "sft", "robust_dpo", "dpo_sft")
 #: methods whose result is the negative branch of NPO guidance (compared with the base's plain CFG)
 NEGATIVE = ("npo", "self_npo")
-#: online methods: prompts only (the train split's captions); each round samples K images per prompt from the
-#: current model, labelled by the world's oracle (`reward.name` = the world's `scorer_metric`)
-ONLINE = ("curated", "online_dpo")
+#: online methods (`toy.online`): prompts only (the train split's captions); each round samples K images per
+#: prompt from the current model, labelled by the world's oracle (`reward.name` = the world's `scorer_metric`)
+ONLINE = ONLINE_METHODS
 #: methods whose data is the train split's captions
 PROMPTS_ONLY = ("self_npo", *ONLINE)
 METHODS = (*PAIRED, "dro", *NEGATIVE, *ONLINE)
