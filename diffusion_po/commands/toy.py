@@ -7,6 +7,8 @@ experiments of docs/methods.md and docs/sampling.md, evaluate).
     diffusion-po toy eval  [--model DIR] [--unet DIR | --lora DIR] [--n 263] [--out scores.jsonl]
     diffusion-po toy method NAME [--out runs/toy_NAME] [--pairs 1000] [--pairs-file F] [--cache-dir D]
     diffusion-po toy table RUN [RUN ...]
+    diffusion-po toy compare [--out runs/toy_compare] [--methods dpo,npo,...] [--seeds 0,1,2] [--pairs 1000]
+                             [--steps 100] [--jobs 2]     # the leaderboard: every method, same budget, seeds
     diffusion-po toy online curated|online_dpo [--out runs/toy_online_METHOD] [--rounds 5] [--prompts 512]
                            [--real-fraction 0.5] [--bias red:0.3] [--set key=value] [--compare RUN]
     diffusion-po toy online-plot RUN [RUN ...] --out curves.png
@@ -147,6 +149,30 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
                    help="(self_npo) train from these images (an experts.jsonl) instead of prompts only")
     p.add_argument("--cache-dir", default=None, help="cache the base model's validation/test rewards here")
     p.set_defaults(func=run_method)
+
+    p = verbs.add_parser("compare", help="the method leaderboard: every method at the same compute budget over "
+                         "seeds", description="Every method with the toy protocol at the same budget (optimizer "
+                         "steps, generated images) over several seeds; writes leaderboard.md/.json/.png into --out "
+                         "(docs/methods.md#leaderboard). Finished runs are kept: a rerun resumes.")
+    p.add_argument("--out", default="runs/toy_compare", help="output folder (default: runs/toy_compare)")
+    _world_argument(p)
+    p.add_argument("--model", default=None, help="toy base folder (default: the world's shipped toy base)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: dpo, npo, self_npo, dcpo, "
+                   "dro, kto, mapo, sft, robust_dpo, curated, online_dpo)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: pair sampling and trainer (default 0,1,2)")
+    p.add_argument("--pairs", type=int, default=1000, help="pairs per seed: 2 x pairs generated images per method")
+    p.add_argument("--val", type=int, default=100, help="validation items (checkpoint choice; default 100)")
+    p.add_argument("--test", type=int, default=263, help="held-out test items per seed")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of every method (default 100)")
+    p.add_argument("--checkpoints", type=int, default=4,
+                   help="validation candidates per run (the online methods' rounds; default 4)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per run (default: torch's; with --jobs: the CPUs shared out)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer key for every run (repeatable; the budget's steps, checkpoints and online "
+                   "batch sizes win)")
+    p.set_defaults(func=run_compare)
 
     from diffusion_po.toy.online import ONLINE_METHODS
 
@@ -361,6 +387,23 @@ def run_method(args: argparse.Namespace) -> int:
     wr = res["win_rate"]
     print(f"{args.name}: win rate {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] (n={wr['n']}); "
           f"report in {out}/report.md")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from diffusion_po.toy.compare import COMPARE_METHODS, CompareConfig, parse_methods, parse_seeds
+    from diffusion_po.toy.compare import run_compare as run
+
+    cfg = CompareConfig(out=args.out, world=args.world, model=args.model,
+                        methods=parse_methods(args.methods) if args.methods is not None else COMPARE_METHODS,
+                        seeds=parse_seeds(args.seeds), n_pairs=args.pairs, n_val=args.val, n_test=args.test,
+                        train_steps=args.steps, checkpoints=args.checkpoints, threads=args.threads, jobs=args.jobs,
+                        overrides=list(args.overrides))
+    rows = run(cfg)
+    out = Path(args.out)
+    print((out / "leaderboard.md").read_text())
+    print(f"{len(rows)} methods; leaderboard in {out / 'leaderboard.md'}, {out / 'leaderboard.json'}, "
+          f"{out / 'leaderboard.png'}")
     return 0
 
 

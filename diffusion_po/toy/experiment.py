@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -196,9 +197,11 @@ def _base_results(cache_dir: Path | None, key: dict[str, Any], sample: Sampler, 
             return None, [toy_world.result_from_dict(d) for d in json.loads(path.read_text())]
     images = sample(prompts, seeds, desc)
     results = toy_world.score_many(images, prompts)
-    if cache_dir is not None:
+    if cache_dir is not None:  # written whole under another name first: runs in parallel may share the cache
         cache_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([r.to_dict() for r in results]))
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps([r.to_dict() for r in results]))
+        os.replace(partial, path)
     return images, results
 
 

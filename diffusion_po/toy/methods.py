@@ -7,6 +7,7 @@ competes), then a paired win rate with a 95% bootstrap interval on held-out test
     diffusion-po toy method dro        # experts = top images of the pair samples by the oracle
     diffusion-po toy method npo        # negative model; NPO guidance vs plain CFG
     diffusion-po toy method self_npo   # prompts only; the student as NPO's negative model vs plain CFG
+    diffusion-po toy method curated|online_dpo   # prompts only; each round samples and scores its own data
     diffusion-po toy table runs/toy_*  # a markdown table of finished runs
     diffusion-po toy scales --scales 1,2,4,8   # plain CFG's validation reward per guidance scale
     diffusion-po toy shift runs/toy_self_npo/train/checkpoint-450   # how a negative model moves eps(∅)
@@ -27,6 +28,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffusion_po.toy.online import ONLINE_METHODS
+
 if TYPE_CHECKING:  # the toy world's modules load when a function runs: the CLI lists METHODS without them
     from diffusion_po.toy.experiment import ToyRunConfig
 
@@ -34,7 +37,12 @@ if TYPE_CHECKING:  # the toy world's modules load when a function runs: the CLI 
 PAIRED = ("dpo", "dcpo", "mapo", "kto", "sft", "robust_dpo", "dpo_sft")
 #: methods whose result is the negative branch of NPO guidance (compared with the base's plain CFG)
 NEGATIVE = ("npo", "self_npo")
-METHODS = (*PAIRED, "dro", *NEGATIVE)
+#: online methods (`toy.online`): prompts only (the train split's captions); each round samples K images per
+#: prompt from the current model, labelled by the world's oracle (`reward.name` = the world's `scorer_metric`)
+ONLINE = ONLINE_METHODS
+#: methods whose data is the train split's captions
+PROMPTS_ONLY = ("self_npo", *ONLINE)
+METHODS = (*PAIRED, "dro", *NEGATIVE, *ONLINE)
 #: methods without a toy config of their own: `method=` and these keys over configs/toy_dpo.yaml
 EXTRA_KEYS = {"sft": [], "robust_dpo": ["label_smoothing=0.1"], "dpo_sft": ["sft_weight=1.0"]}
 
@@ -45,6 +53,19 @@ def method_config(method: str) -> str | None:
 
     name = f"toy_{method}"
     return str(config_path(name)) if name in config_names() else None
+
+
+def method_run(method: str, run: ToyRunConfig) -> ToyRunConfig:
+    """`run` as `method` trains: its shipped `toy_METHOD` config (unless `run.config` names one) and the method's
+    fixed keys before `run.overrides` (EXTRA_KEYS; for the online methods the world's oracle as the reward and
+    the evaluation's sampler settings for their samples)."""
+    from diffusion_po.toy.worlds import get_world
+
+    fixed = [f"method={method}", *EXTRA_KEYS[method]] if method in EXTRA_KEYS else []
+    if method in ONLINE:
+        fixed += [f"method_options.reward.name={get_world(run.world).scorer_metric}",
+                  f"method_options.sampler_steps={run.steps}", f"method_options.guidance_scale={run.scale}"]
+    return replace(run, config=run.config or method_config(method), overrides=[*fixed, *run.overrides])
 
 
 def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, cache_dir: str | None = None,
@@ -72,15 +93,13 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    run = method_run(method, run)
     out, base_path, base = prepare_run(run)
     toy_world = get_world(run.world)
-    run.config = run.config or method_config(method)
-    if method in EXTRA_KEYS:
-        run.overrides = [f"method={method}", *EXTRA_KEYS[method], *run.overrides]
 
     t0 = time.perf_counter()
     data_info: dict[str, Any] = {}
-    if method != "self_npo":
+    if method not in PROMPTS_ONLY:
         target = out / "pairs.parquet"
         if pairs_file:
             shutil.copyfile(pairs_file, target)
@@ -97,7 +116,7 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
         data_file = Path(images)
         run.overrides = ["data.format=images", *run.overrides]
         data_info["images"] = str(images)
-    elif method == "self_npo":
+    elif method in PROMPTS_ONLY:
         data_file = out / "prompts.txt"
         data_file.write_text("\n".join(toy_world.split_captions("train")) + "\n")
         data_info["prompts"] = len(toy_world.split_captions("train"))
@@ -267,5 +286,5 @@ def guidance_shift(negative: str, model: str | None = None, n: int = 64, timeste
     return rows
 
 
-__all__ = ["METHODS", "NEGATIVE", "PAIRED", "guidance_shift", "method_config", "reward_gain", "run_method",
-           "scale_sweep", "table", "write_report"]
+__all__ = ["METHODS", "NEGATIVE", "ONLINE", "PAIRED", "PROMPTS_ONLY", "guidance_shift", "method_config", "method_run",
+           "reward_gain", "run_method", "scale_sweep", "table", "write_report"]
