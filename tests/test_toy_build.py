@@ -360,3 +360,27 @@ def test_pairs_of_k_samples_are_the_best_and_the_worst(small_base, tmp_path):
         assert (r["reward_0"], r["reward_1"]) == pytest.approx((rewards[first], rewards[second]))
     with pytest.raises(ValueError, match="at least 2"):
         toy_pairs.write_pairs(pipe, tmp_path / "k1.parquet", n_prompts=1, samples_per_prompt=1, world="simple")
+
+
+def test_the_simple_world_runs_its_overlay_over_the_main_job_config(tmp_path):
+    """configs/toy_dpo.yaml is the compositional main job's; `--world simple` puts configs/toy_simple.yaml over
+    it (before a method's config), so the simple world keeps its own measured recipe."""
+    import yaml
+
+    from diffusion_po.shipped import config_path
+    from diffusion_po.toy.experiment import ToyRunConfig, trainer_config
+
+    main_job = yaml.safe_load(config_path("toy_dpo").read_text())
+    overlay = yaml.safe_load(config_path("toy_simple").read_text())
+    assert overlay and set(overlay) <= set(main_job)
+    comp = trainer_config(ToyRunConfig(), tmp_path, tmp_path / "p.parquet", tmp_path / "t")
+    simple = trainer_config(ToyRunConfig(world="simple"), tmp_path, tmp_path / "p.parquet", tmp_path / "t")
+    assert comp.learning_rate == main_job["learning_rate"] and simple.learning_rate == overlay["learning_rate"]
+    assert comp.method_options["beta_dpo"] == main_job["beta_dpo"]
+    assert simple.method_options["beta_dpo"] == overlay["beta_dpo"]
+    # a method's own config still goes over the overlay
+    mapo = trainer_config(ToyRunConfig(world="simple", config="toy_mapo"), tmp_path, tmp_path / "p.parquet",
+                          tmp_path / "t")
+    assert mapo.learning_rate == yaml.safe_load(config_path("toy_mapo").read_text())["learning_rate"]
+    assert ToyRunConfig().samples_per_pair() == 4 and ToyRunConfig(world="simple").samples_per_pair() == 2
+    assert ToyRunConfig(pair_samples=3).samples_per_pair() == 3

@@ -7,12 +7,13 @@ import os
 
 import pytest
 
-from diffusion_po.toy.build import ASSET_DIR, is_pipeline_folder
+from diffusion_po.toy.build import COMPOSITIONAL_ASSET_DIR, is_pipeline_folder
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.toy,
-    pytest.mark.skipif(not is_pipeline_folder(ASSET_DIR), reason="the shipped toy base model is missing"),
+    pytest.mark.skipif(not is_pipeline_folder(COMPOSITIONAL_ASSET_DIR),
+                       reason="the shipped compositional toy base model is missing"),
 ]
 
 
@@ -27,6 +28,8 @@ def test_main_job_at_reduced_size_beats_the_base(tmp_path):
     assert wr["n"] == REDUCED["test"]
     assert wr["win_rate"] > 0.5 and wr["lo"] > 0.5, wr
     assert results["tuned"]["reward"]["value"] > results["base"]["reward"]["value"]
+    assert results["world"] == "compositional" and results["accuracy_gain"]["value"] > 0
+    assert results["tuned"]["share_ok"] > results["base"]["share_ok"]
     for name in ("report.md", "grid.png", "curves.png", "results.json", "pairs.parquet", "train/metrics.jsonl"):
         assert (tmp_path / "run" / name).is_file(), name
     saved = json.loads((tmp_path / "run" / "results.json").read_text())

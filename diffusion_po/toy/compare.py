@@ -113,7 +113,7 @@ def pair_images(cfg: CompareConfig) -> int:
     """Images sampled per pair (the runs' `ToyRunConfig.pair_samples`)."""
     from diffusion_po.toy.experiment import ToyRunConfig
 
-    return ToyRunConfig(**cfg.run_defaults).pair_samples
+    return ToyRunConfig(**{"world": cfg.world, **cfg.run_defaults}).samples_per_pair()
 
 
 def budget(cfg: CompareConfig, method: str) -> Budget:

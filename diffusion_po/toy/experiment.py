@@ -50,8 +50,9 @@ class ToyRunConfig:
     """A YAML of trainer keys over the shipped configs/toy_dpo.yaml (e.g. configs/toy_kto.yaml)."""
     overrides: list[str] = field(default_factory=list)
     n_pairs: int = 1000
-    pair_samples: int = 2
-    """Images sampled per pair prompt: 2 (the pair), or K > 2 (the pair is the best and the worst of K)."""
+    pair_samples: int | None = None
+    """Images sampled per pair prompt: 2 (the pair), or K > 2 (the pair is the best and the worst of K);
+    None: the world's main-job setting (`ToyWorld.pair_samples`: 4 compositional, 2 simple)."""
     pair_seed: int = 0
     label_noise: float = 0.0
     min_margin: float = 0.0
@@ -70,30 +71,34 @@ class ToyRunConfig:
     threads: int | None = None
     keep_checkpoints: bool = False
 
+    def samples_per_pair(self) -> int:
+        """K: the images sampled per pair prompt (`pair_samples`, or the world's setting)."""
+        return self.pair_samples or get_world(self.world).pair_samples
+
 
 #: the shipped config (`diffusion_po/configs/`) every toy training run starts from
 DEFAULTS_CONFIG = "toy_dpo"
 
 
 def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: Path):
-    """The TrainConfig of the training stage: the shipped `toy_dpo` config, then `run.config` over it (its
-    `data` section merged key by key), then `run.overrides`."""
+    """The TrainConfig of the training stage: the shipped `toy_dpo` config, the world's overlay over it (the
+    simple world's `toy_simple`), then `run.config` (each `data` section merged key by key), then
+    `run.overrides`."""
     from diffusion_po.config import TrainConfig, apply_overrides, from_dict, load_yaml, validate
     from diffusion_po.shipped import config_path
 
     defaults = config_path(DEFAULTS_CONFIG)
     shipped = load_yaml(defaults)
-    data: dict[str, Any] = json.loads(json.dumps(shipped))  # a deep copy: `shipped` stays the defaults
-    data.setdefault("data", {})
+    shipped.setdefault("data", {})
     source = str(defaults)
+    overlay = get_world(run.world).config_overlay
+    if overlay:
+        _merge_config(shipped, load_yaml(config_path(overlay)))
+        source = f"{config_path(overlay).name} over {defaults.name}"
+    data: dict[str, Any] = json.loads(json.dumps(shipped))  # a deep copy: `shipped` stays the defaults
     if run.config:
-        extra = load_yaml(config_path(run.config))  # a file, or a shipped config by name (toy_kto)
-        for key, value in extra.items():
-            if key == "data" and isinstance(value, dict):
-                data["data"].update(value)
-            else:
-                data[key] = value
-        source = f"{run.config} over {defaults.name}"
+        _merge_config(data, load_yaml(config_path(run.config)))  # a file, or a shipped config by name (toy_kto)
+        source = f"{run.config} over {source}"
     if run.overrides:
         data = apply_overrides(data, run.overrides)
         source += " (with --set overrides)"
@@ -105,6 +110,15 @@ def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: 
     cfg = from_dict(TrainConfig, data, source)
     validate(cfg, source)
     return cfg
+
+
+def _merge_config(data: dict[str, Any], extra: dict[str, Any]) -> None:
+    """`extra`'s keys over `data`'s, the `data` section key by key. In place."""
+    for key, value in extra.items():
+        if key == "data" and isinstance(value, dict):
+            data.setdefault("data", {}).update(value)
+        else:
+            data[key] = value
 
 
 def _drop_unread_method_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -137,7 +151,7 @@ def sample_pairs(run: ToyRunConfig, base: Any, path: Path):
     """Oracle-labelled pairs from the base model on train prompts, written to `path` (the run's sizes)."""
     return toy_pairs.write_pairs(base, path, run.n_pairs, run.pair_seed, "train", run.label_noise,
                                  run.min_margin, run.steps, run.scale, run.batch_size, world=run.world,
-                                 samples_per_prompt=run.pair_samples)
+                                 samples_per_prompt=run.samples_per_pair())
 
 
 def train_stage(run: ToyRunConfig, base_path: Path, data_file: Path, train_dir: Path):

@@ -38,7 +38,11 @@ class ToyWorld:
     curve_keys: tuple[str, ...] = ()
     """`summarize` keys kept per checkpoint in the validation curve (besides the reward)."""
     accuracy_key: str = ""
-    """The per-image accuracy of `result_dict` that the reports' accuracy gain is measured on."""
+    """The `summarize` key of the caption accuracy that the reports' accuracy gain is measured on."""
+    config_overlay: str | None = None
+    """A shipped config applied over `configs/toy_dpo.yaml` (the compositional main job's) in this world."""
+    pair_samples: int = 2
+    """Images sampled per pair prompt in this world's main job (K > 2: the pair is the best and worst of K)."""
 
     def split_captions(self, split: str) -> list[str]:
         raise NotImplementedError
@@ -92,6 +96,8 @@ class SimpleWorld(ToyWorld):
                     ("position_ok", "position right"), ("clean", "clean / sharp"))
     curve_keys = ("colour_ok", "shape_ok")
     accuracy_key = "shape_ok"
+    config_overlay = "toy_simple"
+    pair_samples = 2
 
     @property
     def asset_dir(self) -> Path:  # type: ignore[override]
@@ -148,6 +154,7 @@ class CompositionalWorld(ToyWorld):
                     ("negation_ok", "negation right"))
     curve_keys = ("share_ok", "correct")
     accuracy_key = "share_ok"
+    pair_samples = 4
 
     @property
     def asset_dir(self) -> Path:  # type: ignore[override]
