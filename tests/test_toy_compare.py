@@ -108,18 +108,18 @@ def test_every_method_gets_the_same_steps_and_generated_images(tmp_path):
         if method in ONLINE:
             o = tc.method_options
             prompts_per_round = o["steps_per_round"] * tc.train_batch_size
-            assert o["rounds"] * prompts_per_round * o["samples_per_prompt"] == 2 * 1000 == spent.generated_images
+            assert o["rounds"] * prompts_per_round * o["samples_per_prompt"] == 4 * 1000 == spent.generated_images
             assert o["rounds"] * o["steps_per_round"] == tc.max_train_steps and o["rounds"] == 4
             assert o["reward"]["name"] == "toy_compositional"
             assert (o["sampler_steps"], o["guidance_scale"]) == (run.steps, run.scale)
         else:
-            assert spent.generated_images == (0 if method == "self_npo" else 2000)
-    assert compare.budget(cfg, "curated").online["train_batch_size"] == 5  # 2000 / (100 x K 4)
-    assert compare.budget(cfg, "online_dpo").online["train_batch_size"] == 10  # 2000 / (100 x K 2)
-    best_of_4 = dataclasses.replace(cfg, run_defaults={"pair_samples": 4})  # a pair: the best and worst of 4
-    assert compare.budget(best_of_4, "dpo").generated_images == 4000
-    assert compare.budget(best_of_4, "online_dpo").online["train_batch_size"] == 20  # 4000 / (100 x 2)
-    assert compare.run_config(best_of_4, 0, "dpo").pair_samples == 4
+            assert spent.generated_images == (0 if method == "self_npo" else 4000)  # best and worst of 4 per pair
+    assert compare.budget(cfg, "curated").online["train_batch_size"] == 10  # 4000 / (100 x K 4)
+    assert compare.budget(cfg, "online_dpo").online["train_batch_size"] == 20  # 4000 / (100 x K 2)
+    two_per_pair = dataclasses.replace(cfg, run_defaults={"pair_samples": 2})  # the pair's two samples only
+    assert compare.budget(two_per_pair, "dpo").generated_images == 2000
+    assert compare.budget(two_per_pair, "online_dpo").online["train_batch_size"] == 10  # 2000 / (100 x 2)
+    assert compare.run_config(two_per_pair, 0, "dpo").pair_samples == 2
 
 
 def test_sizes_that_cannot_be_met_exactly_are_refused():

@@ -160,7 +160,8 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=None, help="comma-separated methods (default: dpo, npo, self_npo, dcpo, "
                    "dro, kto, mapo, sft, robust_dpo, curated, online_dpo)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: pair sampling and trainer (default 0,1,2)")
-    p.add_argument("--pairs", type=int, default=1000, help="pairs per seed: 2 x pairs generated images per method")
+    p.add_argument("--pairs", type=int, default=500,
+                   help="pairs per seed: P x pairs generated images per method (P = 4 compositional, 2 simple)")
     p.add_argument("--val", type=int, default=100, help="validation items (checkpoint choice; default 100)")
     p.add_argument("--test", type=int, default=263, help="held-out test items per seed")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps of every method (default 100)")

@@ -2,7 +2,7 @@
 over several seeds (docs/methods.md#leaderboard).
 
     diffusion-po toy compare [--out runs/toy_compare] [--world compositional] [--methods dpo,npo,...]
-                             [--seeds 0,1,2] [--pairs 1000] [--val 100] [--test 263] [--steps 100]
+                             [--seeds 0,1,2] [--pairs 500] [--val 100] [--test 263] [--steps 100]
                              [--checkpoints 4] [--jobs 1] [--threads N] [--set KEY=VALUE]
 
 The defaults are the leaderboard's sizes: all 11 methods x 3 seeds in about 40 minutes on 2 CPU cores with
@@ -11,8 +11,8 @@ The defaults are the leaderboard's sizes: all 11 methods x 3 seeds in about 40 m
 The budget, the same for every method of a seed:
 - `--steps` optimizer steps (`max_train_steps`), a checkpoint every steps / `--checkpoints`: the validation
   candidates (step 0, the base, competes too);
-- `--pairs` x 2 generated training images (x `ToyRunConfig.pair_samples`, 2 unless a pair is the best and
-  the worst of more): the offline methods (DPO, NPO, DCPO, DRO, KTO, MaPO, SFT, robust DPO) learn from one
+- `--pairs` x P generated training images (P = `ToyRunConfig.samples_per_pair()`: 4 in the compositional
+  world, whose pairs are the best and the worst of 4 samples, 2 in the simple world): the offline methods (DPO, NPO, DCPO, DRO, KTO, MaPO, SFT, robust DPO) learn from one
   pairs parquet per seed (sampled once and shared); the online methods (curated, online DPO) generate theirs
   during training, `--checkpoints` rounds x prompts per round (steps per round x train_batch_size) x K (their
   shipped config's `samples_per_prompt`) = the same number, so their train_batch_size is those images /
@@ -63,7 +63,7 @@ class CompareConfig:
     """Base pipeline folder (default: the world's shipped toy base)."""
     methods: tuple[str, ...] = COMPARE_METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
-    n_pairs: int = 1000
+    n_pairs: int = 500
     n_val: int = 100
     n_test: int = 263
     train_steps: int = 100
