@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping a pair's label")
     p.add_argument("--min-margin", type=float, default=0.0, help="pairs with a smaller reward gap become ties")
     p.add_argument("--val", type=int, default=152, help="validation items for early stopping")
-    p.add_argument("--test", type=int, default=263, help="held-out test items (263 = every test caption once)")
+    p.add_argument("--test", type=int, default=263, help="held-out test items (distinct test captions: 848 compositional, 263 simple)")
     p.add_argument("--sample-steps", type=int, default=10, help="sampler steps (DPM-Solver++)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--tie-tol", type=float, default=1e-3, help="reward differences up to this count as ties")
@@ -112,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="prompt file to write (.txt, one caption a line)")
     _world_argument(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--n", type=int, default=263, help="number of captions (263 = every test caption once)")
+    p.add_argument("--n", type=int, default=263, help="number of captions (the test split has 848 compositional, 263 simple captions)")
     p.add_argument("--seed", type=int, default=1234)
     p.set_defaults(func=run_prompts)
 

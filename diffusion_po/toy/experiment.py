@@ -11,7 +11,7 @@ checkpoints shares (the main job here, the other methods in `diffusion_po.toy.me
 Early stopping: the trainer writes a checkpoint every `eval_every` steps; each one samples the
 validation prompts (split `val`, never used for pairs or the final test) and the checkpoint with the
 highest mean oracle reward is the tuned model (step 0, the base itself, competes too, so a run that only
-hurts reports a win rate of 0.5 rather than hiding it). The test split (`test`, 263 captions) is then
+hurts reports a win rate of 0.5 rather than hiding it). The test split (`test`; 263 of its captions) is then
 sampled once by the base and once by the chosen model with the same seeds; the paired win rate (ties
 half) and its 95% bootstrap interval come from `diffusion_po.eval.stats.paired_win_rate`.
 
