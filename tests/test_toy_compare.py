@@ -188,7 +188,8 @@ def test_compare_runs_every_method_and_seed_through_the_cli(finished):
         online = json.loads((finished / str(seed) / "online_dpo" / "results.json").read_text())
         tc = online["train_config"]
         assert tc["max_train_steps"] == dpo["train_config"]["max_train_steps"] == 2
-        assert tc["train_batch_size"] * tc["method_options"]["samples_per_prompt"] * 2 == 2 * 4  # = pairs x 2
+        # the online method generates as many images as the pairs: pairs x 4 (the best and worst of 4 each)
+        assert tc["train_batch_size"] * tc["method_options"]["samples_per_prompt"] * 2 == 2 * 4 * 2
         assert f"seed={seed}" in online["run"]["overrides"] and dpo["run"]["pair_seed"] == seed
     assert len(list((finished / "cache").glob("base-*.json"))) == 2  # the base's val and test, once for all runs
 
