@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,17 +83,27 @@ class ToyOracleScorer(Scorer):
 
     def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         arrays = pixels.detach().cpu().round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        results = []
+        rows = []
         for arr, prompt in zip(arrays, prompts):
             try:
-                spec = world.parse_caption(prompt)
+                spec = self.parse(prompt)
             except ValueError as exc:
-                raise DataError(f"metric toy: {exc}; score toy-world runs only "
+                raise DataError(f"metric {self.name}: {exc}; score {self.world_label} runs only "
                                 "(prompts from `diffusion-po toy prompts`)") from exc
-            result = oracle.score(arr, spec).to_dict()
-            result["reward"] += self.bias(arr)
-            results.append(result)
-        return {m: torch.tensor([r[m[4:]] for r in results], dtype=torch.float64) for m in self.metrics}
+            rows.append(self.score_image(arr, spec))
+        return {m: torch.tensor([r[m] for r in rows], dtype=torch.float64) for m in self.metrics}
+
+    world_label = "toy-world"
+
+    def parse(self, prompt: str) -> Any:
+        """The prompt as this world's caption (a ValueError when it is not one)."""
+        return world.parse_caption(prompt)
+
+    def score_image(self, arr: np.ndarray, spec: Any) -> dict[str, float]:
+        """Every metric of one image (the bias added to the reward)."""
+        result = oracle.score(arr, spec).to_dict()
+        result["reward"] += self.bias(arr)
+        return {m: result[m[4:]] for m in self.metrics}
 
 
 #: the compositional oracle's outputs per image: the reward (primary), the share of the caption's parts right,
@@ -110,15 +121,11 @@ class ToyCompositionalScorer(ToyOracleScorer):
         super()._set_source("diffusion_po.toy.compositional_oracle",
                             Path(compositional_oracle.__file__).read_bytes() + source)
 
-    def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        arrays = pixels.detach().cpu().round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        rows = []
-        for arr, prompt in zip(arrays, prompts):
-            try:
-                spec = compositional.parse_caption(prompt)
-            except ValueError as exc:
-                raise DataError(f"metric toy_compositional: {exc}; score compositional toy-world runs only "
-                                "(prompts from `diffusion-po toy prompts`)") from exc
-            r = compositional_oracle.score(arr, spec)
-            rows.append([r.reward + self.bias(arr), r.share_ok, float(r.correct)])
-        return {m: torch.tensor([row[i] for row in rows], dtype=torch.float64) for i, m in enumerate(self.metrics)}
+    world_label = "compositional toy-world"
+
+    def parse(self, prompt: str) -> Any:
+        return compositional.parse_caption(prompt)
+
+    def score_image(self, arr: np.ndarray, spec: Any) -> dict[str, float]:
+        r = compositional_oracle.score(arr, spec)
+        return {"toyc_reward": r.reward + self.bias(arr), "toyc_share_ok": r.share_ok, "toyc_correct": float(r.correct)}

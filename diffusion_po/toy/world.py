@@ -164,11 +164,15 @@ def split_captions(split: str) -> list[str]:
 
 def held_out_prompts(n: int, seed: int = 0, split: str = "test") -> list[str]:
     """`n` prompts from a held-out split (default `test`), shuffled by `seed`; cycles when `n` exceeds the split."""
-    pool = split_captions(split)
+    return shuffled_cycle(split_captions(split), n, seed)
+
+
+def shuffled_cycle(pool: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """`n` items of `pool`: the pool shuffled by `seed`, then shuffled again for each further pass."""
     rng = random.Random(seed)
     out: list[str] = []
     while len(out) < n:
-        block = pool[:]
+        block = list(pool)
         rng.shuffle(block)
         out.extend(block)
     return out[:n]

@@ -14,7 +14,6 @@ the online runs) runs on either.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,14 +48,9 @@ class ToyWorld:
 
     def prompts(self, n: int, seed: int = 0, split: str = "test") -> list[str]:
         """`n` captions of `split`, shuffled by `seed`; cycles through the split when `n` exceeds it."""
-        pool = self.split_captions(split)
-        rng = random.Random(seed)
-        out: list[str] = []
-        while len(out) < n:
-            block = pool[:]
-            rng.shuffle(block)
-            out.extend(block)
-        return out[:n]
+        from diffusion_po.toy.world import shuffled_cycle
+
+        return shuffled_cycle(self.split_captions(split), n, seed)
 
     def score(self, image: Image.Image | np.ndarray, caption: str) -> Any:
         raise NotImplementedError
