@@ -17,6 +17,19 @@ from diffusion_po.toy.compositional import CompScene, PlacedThing, parse_caption
 from diffusion_po.toy.worlds import get_world
 
 
+@pytest.mark.parametrize("name", ["compositional", "simple"])
+def test_accuracy_is_what_its_key_and_label_name(name):
+    """The reports' accuracy gain is `accuracy`, labelled by `accuracy_key`'s row, and the online plot draws
+    `summarize()[accuracy_key]`: all three are one quantity in each world."""
+    toy = get_world(name)
+    caption = toy.split_captions("test")[0]
+    images = [toy.expert_images([caption], seed=1)[0], toy.expert_images([toy.split_captions("test")[5]], 2)[0]]
+    results = toy.score_many(images, [caption, caption])
+    assert toy.accuracy_key in dict(toy.report_parts)
+    summary = toy.summarize(results)
+    assert np.mean([toy.accuracy(r) for r in results]) == pytest.approx(summary[toy.accuracy_key])
+
+
 def test_get_world_names_both_and_refuses_others():
     assert get_world().name == "compositional" and get_world("simple").name == "simple"
     with pytest.raises(UserError, match="unknown toy world 'tiny'.*compositional, simple"):

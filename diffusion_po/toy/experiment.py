@@ -513,7 +513,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         if key in b:
             lines.append(f"| {name} | {b[key]:.3f} | {t[key]:.3f} |")
     rg, ag = results["reward_gain"], results["accuracy_gain"]
-    accuracy = dict(toy_world.report_parts).get(toy_world.accuracy_key, "colour and shape right")
+    accuracy = dict(toy_world.report_parts)[toy_world.accuracy_key]
     lines += [
         "",
         f"Paired gains on the same test items (95% bootstrap intervals): reward {rg['value']:+.4f} "

@@ -124,10 +124,6 @@ class SimpleWorld(ToyWorld):
 
         return oracle.OracleResult(**data, shapes=[])
 
-    def accuracy(self, result: Any) -> float:
-        """Colour and shape right (the mean of the two shares)."""
-        return 0.5 * (float(result.colour_ok) + float(result.shape_ok))
-
     def build_config(self, seed: int = 0) -> Any:
         from diffusion_po.toy.build import BuildConfig
 
