@@ -14,6 +14,7 @@ the online runs) runs on either.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,19 @@ class ToyWorld:
     """A shipped config applied over `configs/toy_dpo.yaml` (the compositional main job's) in this world."""
     pair_samples: int = 2
     """Images sampled per pair prompt in this world's main job (K > 2: the pair is the best and worst of K)."""
+    captions_module: str = ""
+    """The world's module (`split_captions`, `expert_images`), imported when first used (the CLI stays light)."""
+    oracle_module: str = ""
+    """Its oracle's module (`score`, `score_many`, `summarize`)."""
+
+    def _captions(self) -> Any:
+        return importlib.import_module(self.captions_module)
+
+    def _oracle(self) -> Any:
+        return importlib.import_module(self.oracle_module)
 
     def split_captions(self, split: str) -> list[str]:
-        raise NotImplementedError
+        return self._captions().split_captions(split)
 
     def prompts(self, n: int, seed: int = 0, split: str = "test") -> list[str]:
         """`n` captions of `split`, shuffled by `seed`; cycles through the split when `n` exceeds it."""
@@ -53,15 +64,13 @@ class ToyWorld:
         return shuffled_cycle(self.split_captions(split), n, seed)
 
     def score(self, image: Image.Image | np.ndarray, caption: str) -> Any:
-        raise NotImplementedError
+        return self._oracle().score(image, caption)
 
     def score_many(self, images: Sequence[Any], captions: Sequence[str]) -> list[Any]:
-        if len(images) != len(captions):
-            raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        return [self.score(im, c) for im, c in zip(images, captions)]
+        return self._oracle().score_many(list(images), list(captions))
 
     def summarize(self, results: list[Any]) -> dict[str, float]:
-        raise NotImplementedError
+        return self._oracle().summarize(results)
 
     def describe(self, image: Image.Image | np.ndarray, caption: str) -> str:
         """What the oracle sees in `image`, as a caption of the world's grammar (DCPO's per-image captions)."""
@@ -80,7 +89,7 @@ class ToyWorld:
 
     def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
         """Drawings that satisfy `captions` exactly (the real data of the online runs)."""
-        raise NotImplementedError
+        return self._captions().expert_images(captions, seed)
 
 
 class SimpleWorld(ToyWorld):
@@ -92,27 +101,14 @@ class SimpleWorld(ToyWorld):
     accuracy_key = "shape_ok"
     config_overlay = "toy_simple"
     pair_samples = 2
+    captions_module = "diffusion_po.toy.world"
+    oracle_module = "diffusion_po.toy.oracle"
 
     @property
     def asset_dir(self) -> Path:  # type: ignore[override]
         from diffusion_po.toy.build import ASSET_DIR
 
         return ASSET_DIR
-
-    def split_captions(self, split: str) -> list[str]:
-        from diffusion_po.toy import world
-
-        return world.split_captions(split)
-
-    def score(self, image: Image.Image | np.ndarray, caption: str) -> Any:
-        from diffusion_po.toy import oracle
-
-        return oracle.score(image, caption)
-
-    def summarize(self, results: list[Any]) -> dict[str, float]:
-        from diffusion_po.toy import oracle
-
-        return oracle.summarize(results)
 
     def describe(self, image: Image.Image | np.ndarray, caption: str) -> str:
         from diffusion_po.toy import oracle
@@ -129,11 +125,6 @@ class SimpleWorld(ToyWorld):
 
         return BuildConfig(seed=seed)
 
-    def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
-        from diffusion_po.toy import world
-
-        return world.expert_images(captions, seed)
-
 
 class CompositionalWorld(ToyWorld):
     name = "compositional"
@@ -145,27 +136,14 @@ class CompositionalWorld(ToyWorld):
     curve_keys = ("share_ok", "correct")
     accuracy_key = "share_ok"
     pair_samples = 4
+    captions_module = "diffusion_po.toy.compositional"
+    oracle_module = "diffusion_po.toy.compositional_oracle"
 
     @property
     def asset_dir(self) -> Path:  # type: ignore[override]
         from diffusion_po.toy.build import COMPOSITIONAL_ASSET_DIR
 
         return COMPOSITIONAL_ASSET_DIR
-
-    def split_captions(self, split: str) -> list[str]:
-        from diffusion_po.toy import compositional
-
-        return compositional.split_captions(split)
-
-    def score(self, image: Image.Image | np.ndarray, caption: str) -> Any:
-        from diffusion_po.toy import compositional_oracle
-
-        return compositional_oracle.score(image, caption)
-
-    def summarize(self, results: list[Any]) -> dict[str, float]:
-        from diffusion_po.toy import compositional_oracle
-
-        return compositional_oracle.summarize(results)
 
     def describe(self, image: Image.Image | np.ndarray, caption: str) -> str:
         from diffusion_po.toy import compositional_oracle
@@ -181,11 +159,6 @@ class CompositionalWorld(ToyWorld):
         from diffusion_po.toy.build import BuildConfig
 
         return BuildConfig.compositional(seed)
-
-    def expert_images(self, captions: list[str], seed: int = 0) -> list[Image.Image]:
-        from diffusion_po.toy import compositional
-
-        return compositional.expert_images(captions, seed)
 
 
 _WORLDS: dict[str, ToyWorld] = {"simple": SimpleWorld(), "compositional": CompositionalWorld()}
