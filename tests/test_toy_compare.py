@@ -38,7 +38,7 @@ def _write_run(folder: Path, items: list[dict], win_rate: float, chosen_step: in
 
 @pytest.fixture
 def hand_made(tmp_path) -> compare.CompareConfig:
-    """dpo over seeds 0 and 1 on prompts A and B (4 items each per seed), kto all wins, mapo only seed 0."""
+    """dpo over seeds 0 and 1 on captions A and B (4 images each per seed), kto all wins, mapo only seed 0."""
     outcomes = {0: {"A": [1, 1, 1, 1], "B": [0, 0, 0, 0]}, 1: {"A": [1, 1, 1, 0], "B": [1, 1, 0, 0.5]}}
     for seed, by_prompt in outcomes.items():
         items = [_item(p, o) for p, os_ in by_prompt.items() for o in os_]
@@ -51,21 +51,23 @@ def hand_made(tmp_path) -> compare.CompareConfig:
 
 def test_leaderboard_pools_seeds_groups_by_prompt_and_sorts_by_win_rate(hand_made):
     rows = compare.aggregate(hand_made)
-    assert [r["method"] for r in rows] == ["kto", "mapo", "dpo"]  # pooled win rates 1.0, 0.75, 0.59
+    # pooled win rates 1.0, 0.75 and 0.75; the tie goes to the larger reward gain (mapo's 0.05 > dpo's 0.019)
+    assert [r["method"] for r in rows] == ["kto", "mapo", "dpo"]
     dpo = rows[2]
-    assert dpo["seeds"] == [0, 1] and dpo["n_items"] == 16 and dpo["n_prompts"] == 2
-    # pooled: (4 + 0 + 3 + 2.5) / 16 wins; prompt A's 8 items (both seeds) average 7/8, B's 2.5/8
+    # the unit is a (seed, caption): its 4 images' mean reward against the base's. Seed 0: A's mean outcome 1
+    # (a win), B's 0 (a loss); seed 1: A's 0.75 and B's 0.625 (tuned reward 0.55 and 0.525 > 0.5: two wins)
+    assert dpo["seeds"] == [0, 1] and dpo["n_items"] == 4 and dpo["n_prompts"] == 2
     wr = dpo["win_rate"]
-    assert wr["win_rate"] == pytest.approx(9.5 / 16) and (wr["wins"], wr["ties"], wr["losses"]) == (9, 1, 6)
-    # the bootstrap resamples the 2 prompts (each draw is both A or both B with probability 1/4): the 95%
-    # interval runs from B's mean to A's mean (by item it would be narrower; by seed and prompt, with the
-    # all-loss group of seed 0's B drawn alone, wider)
-    assert (wr["lo"], wr["hi"]) == pytest.approx((2.5 / 8, 7 / 8))
-    acc, gain = dpo["accuracy_gain"], dpo["reward_gain"]  # outcome - 0.5 and 0.2 (outcome - 0.5) per item
-    assert (acc["value"], acc["lo"], acc["hi"]) == pytest.approx((9.5 / 16 - 0.5, 2.5 / 8 - 0.5, 7 / 8 - 0.5))
-    assert (gain["value"], gain["lo"], gain["hi"]) == pytest.approx(
-        (0.2 * (9.5 / 16 - 0.5), 0.2 * (2.5 / 8 - 0.5), 0.2 * (7 / 8 - 0.5)))
-    # the spread over seeds: mean and sample sd of the per-seed win rates 4/8 and 5.5/8
+    assert wr["win_rate"] == pytest.approx(3 / 4) and (wr["wins"], wr["ties"], wr["losses"]) == (3, 0, 1)
+    # the bootstrap resamples the 2 captions (each draw is both A or both B with probability 1/4): the 95%
+    # interval runs from B's mean (a loss and a win) to A's (two wins)
+    assert (wr["lo"], wr["hi"]) == pytest.approx((0.5, 1.0))
+    # accuracy gain per unit: its items' mean of outcome - 0.5 (0.5, -0.5, 0.25, 0.125); reward gain 0.2 x that
+    acc, gain = dpo["accuracy_gain"], dpo["reward_gain"]
+    assert (acc["value"], acc["lo"], acc["hi"]) == pytest.approx((0.375 / 4, -0.375 / 2, 0.75 / 2))
+    assert (gain["value"], gain["lo"], gain["hi"]) == pytest.approx((0.2 * 0.375 / 4, -0.2 * 0.375 / 2,
+                                                                       0.2 * 0.75 / 2))
+    # the spread over seeds: mean and sample sd of the per-seed win rates 4/8 and 5.5/8 (their results.json)
     assert dpo["spread"]["win_rate"]["mean"] == pytest.approx(9.5 / 16)
     assert dpo["spread"]["win_rate"]["sd"] == pytest.approx((1.5 / 8) / 2 ** 0.5)
     assert dpo["spread"]["accuracy_gain"]["sd"] == pytest.approx((1.5 / 8) / 2 ** 0.5)
@@ -79,7 +81,7 @@ def test_leaderboard_files(hand_made):
     out = Path(hand_made.out)
     table = [line for line in (out / "leaderboard.md").read_text().splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[1] for row in table[1:]] == ["kto", "mapo", "dpo"]
-    assert "| 3 | dpo | 0,1 | **0.594 [0.312, 0.875]** | 0.594 ± 0.133 |" in table[3]
+    assert "| 3 | dpo | 0,1 | **0.750 [0.500, 1.000]** | 0.594 ± 0.133 |" in table[3]  # pooled; per seed: results.json
     assert "| 0.750 ± – |" in table[2] and table[3].endswith("| 10, 10 | 30 |")
     saved = json.loads((out / "leaderboard.json").read_text())
     assert [r["method"] for r in saved["methods"]] == ["kto", "mapo", "dpo"]

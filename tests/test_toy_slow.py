@@ -23,7 +23,8 @@ def test_main_job_at_reduced_size_beats_the_base(tmp_path):
     from diffusion_po.toy.experiment import ToyRunConfig, run_toy_dpo
 
     run = ToyRunConfig(out=str(tmp_path / "run"), n_pairs=REDUCED["pairs"], pair_samples=REDUCED["pair_samples"],
-                       n_val=REDUCED["val"], n_test=REDUCED["test"], overrides=REDUCED["overrides"])
+                       n_val=REDUCED["val"], n_test=REDUCED["test"], test_seeds=REDUCED["test_seeds"],
+                       overrides=REDUCED["overrides"])
     results = run_toy_dpo(run)
     wr = results["win_rate"]
     assert wr["n"] == REDUCED["test"]
@@ -39,9 +40,10 @@ def test_main_job_at_reduced_size_beats_the_base(tmp_path):
 
 #: the main job at reduced size: the pairs are the two samples of each caption (not the best and the worst of 4)
 #: and training stops at step 150, with one checkpoint there and 64 validation captions; the test is the main
-#: job's 263 captions. Measured 2026-12-01: 0.568 [0.525, 0.614], attributes right +7.4 points (500 pairs of
-#: 4 samples and 150 steps gave 0.538 [0.498, 0.580], an interval that reaches 0.5). About 2.5 minutes.
-REDUCED = {"pairs": 1000, "pair_samples": 2, "val": 64, "test": 263,
+#: job's 263 captions with one image each (not 8). Measured 2026-12-01: 0.568 [0.525, 0.614], attributes right
+#: +7.4 points (500 pairs of 4 samples and 150 steps gave 0.538 [0.498, 0.580], an interval that reaches 0.5).
+#: About 2.5 minutes.
+REDUCED = {"pairs": 1000, "pair_samples": 2, "val": 64, "test": 263, "test_seeds": 1,
            "overrides": ["max_train_steps=150", "checkpointing_steps=150"]}
 
 

@@ -163,3 +163,48 @@ def test_paired_gains_are_means_of_differences_with_intervals():
     assert gains["accuracy_gain"] == bootstrap_mean_ci(diffs, n_boot=500, seed=4).to_dict()
     assert gains["reward_gain"]["value"] == pytest.approx(np.mean([t.reward - b.reward for t, b in zip(tuned, base)]))
     assert gains["accuracy_gain"]["lo"] < gains["accuracy_gain"]["value"] < gains["accuracy_gain"]["hi"]
+
+
+def test_test_items_are_each_caption_with_its_own_seeds_and_one_seed_is_the_old_split():
+    from diffusion_po.toy.experiment import ToyRunConfig, eval_items, eval_seeds
+
+    one = ToyRunConfig(n_test=7, test_seeds=1, n_val=5)
+    captions, seeds = eval_items(one, "test")
+    assert captions == get_world().prompts(7, one.eval_seed + 2, split="test")
+    assert seeds == eval_seeds(7, one.eval_seed + 3)
+    prompts, many_seeds = eval_items(dataclasses.replace(one, test_seeds=3), "test")
+    assert prompts == [c for c in captions for _ in range(3)]
+    assert len(set(many_seeds)) == 21 and many_seeds[:7] == seeds  # every image its own seed
+    assert eval_items(dataclasses.replace(one, test_seeds=3), "val") == eval_items(one, "val")  # one image each
+
+
+def test_the_win_rate_compares_each_captions_mean_over_its_seeds():
+    """On each caption the tuned model wins one of its 3 images by much and loses two by little: its mean over
+    the seeds is higher on both captions (a win rate of 1 per caption) while it wins 2 of the 6 images; with
+    each caption's first image only, it wins A and loses B."""
+    from diffusion_po.toy.experiment import ToyRunConfig, caption_means, paired_gains, paired_win_rates
+
+    @dataclasses.dataclass
+    class Scored:
+        reward: float
+        share_ok: float
+
+    class World:
+        accuracy = staticmethod(lambda result: result.share_ok)
+
+    prompts = ["A", "A", "A", "B", "B", "B"]
+    base = [Scored(0.5, 0.5) for _ in prompts]
+    tuned = [Scored(r, a) for r, a in ((0.9, 1.0), (0.45, 0.5), (0.45, 0.5), (0.45, 0.5), (0.8, 1.0), (0.45, 0.0))]
+    captions, means = caption_means(prompts, [t.reward for t in tuned])
+    assert captions == ["A", "B"] and means == pytest.approx([0.6, 1.7 / 3])
+    run = ToyRunConfig(n_boot=200, eval_seed=3)
+    per_caption, per_image = paired_win_rates(prompts, base, tuned, run)
+    assert (per_caption.n, per_caption.wins, per_caption.losses, per_caption.win_rate) == (2, 2, 0, 1.0)
+    assert (per_image.n, per_image.wins, per_image.losses) == (6, 2, 4)
+    assert per_image.win_rate == pytest.approx(2 / 6)
+    first = paired_win_rates(prompts, base, tuned, run, first=1)[0]  # each caption's first image only
+    assert (first.n, first.wins, first.losses) == (2, 1, 1)
+    gains = paired_gains(World(), base, tuned, run, prompts)
+    assert gains["reward_gain"]["value"] == pytest.approx((0.1 + 0.2 / 3) / 2)
+    assert gains["accuracy_gain"]["value"] == pytest.approx(((2 / 3 - 0.5) + (0.5 - 0.5)) / 2)
+    assert gains["accuracy_gain"]["n"] == 2 and gains["reward_gain"]["lo"] == pytest.approx(0.2 / 3)

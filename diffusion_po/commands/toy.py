@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping a pair's label")
     p.add_argument("--min-margin", type=float, default=0.0, help="pairs with a smaller reward gap become ties")
     p.add_argument("--val", type=int, default=152, help="validation items for early stopping")
-    p.add_argument("--test", type=int, default=263, help="held-out test items (distinct test captions: 848 compositional, 263 simple)")
+    p.add_argument("--test", type=int, default=263,
+                   help="held-out test captions (the split has 848 compositional, 263 simple)")
+    _test_seeds_argument(p)
     p.add_argument("--sample-steps", type=int, default=10, help="sampler steps (DPM-Solver++)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--tie-tol", type=float, default=1e-3, help="reward differences up to this count as ties")
@@ -139,7 +141,8 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
                    help="override a trainer key (repeatable)")
     p.add_argument("--pairs", type=int, default=1000, help="number of preference pairs (train prompts)")
     p.add_argument("--val", type=int, default=152, help="validation items for early stopping")
-    p.add_argument("--test", type=int, default=263, help="held-out test items")
+    p.add_argument("--test", type=int, default=263, help="held-out test captions")
+    _test_seeds_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--pairs-file", default=None, help="reuse this pairs parquet instead of sampling new pairs")
@@ -163,7 +166,8 @@ def _register_experiments(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=int, default=500,
                    help="pairs per seed: P x pairs generated images per method (P = 4 compositional, 2 simple)")
     p.add_argument("--val", type=int, default=100, help="validation items (checkpoint choice; default 100)")
-    p.add_argument("--test", type=int, default=263, help="held-out test items per seed")
+    p.add_argument("--test", type=int, default=263, help="held-out test captions per seed")
+    _test_seeds_argument(p)
     p.add_argument("--steps", type=int, default=100, help="optimizer steps of every method (default 100)")
     p.add_argument("--checkpoints", type=int, default=4,
                    help="validation candidates per run (the online methods' rounds; default 4)")
@@ -244,6 +248,15 @@ def _world_argument(p: argparse.ArgumentParser) -> None:
                    "default) or simple (one or two shapes)")
 
 
+def _test_seeds_argument(p: argparse.ArgumentParser) -> None:
+    from diffusion_po.toy.experiment import ToyRunConfig
+
+    default = ToyRunConfig.test_seeds
+    p.add_argument("--test-seeds", type=int, default=default,
+                   help=f"images per test caption, each its own seed; the win rate compares each caption's mean "
+                   f"over them (default {default})")
+
+
 def _check_samples_per_prompt(k: int) -> None:
     if k < 2:
         raise UserError(f"--samples-per-prompt must be at least 2 (a pair), got {k}")
@@ -258,12 +271,14 @@ def _check_positive(**values: int | None) -> None:
 def run_main(args: argparse.Namespace) -> int:
     from diffusion_po.toy.experiment import ToyRunConfig, run_toy_dpo
 
-    _check_positive(pairs=args.pairs, val=args.val, test=args.test, sample_steps=args.sample_steps)
+    _check_positive(pairs=args.pairs, val=args.val, test=args.test, test_seeds=args.test_seeds,
+                    sample_steps=args.sample_steps)
     if not 0.0 <= args.label_noise < 0.5:
         raise UserError(f"--label-noise must be in [0, 0.5), got {args.label_noise}")
     run = ToyRunConfig(out=args.out, world=args.world, model=args.model, config=args.config, overrides=args.overrides,
                        n_pairs=args.pairs, pair_seed=args.pair_seed, label_noise=args.label_noise,
-                       min_margin=args.min_margin, n_val=args.val, n_test=args.test, steps=args.sample_steps,
+                       min_margin=args.min_margin, n_val=args.val, n_test=args.test, test_seeds=args.test_seeds,
+                       steps=args.sample_steps,
                        scale=args.guidance, threads=args.threads, keep_checkpoints=args.keep_checkpoints,
                        pairs_file=args.pairs_file, tie_tol=args.tie_tol)
     if args.samples_per_prompt is not None:
@@ -274,7 +289,7 @@ def run_main(args: argparse.Namespace) -> int:
     results = run_toy_dpo(run)
     wr = results["win_rate"]
     print(f"win rate of tuned over base: {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] over {wr['n']} "
-          f"held-out prompts; mean reward base {results['base']['reward']['value']:.4f} -> tuned "
+          f"held-out captions ({args.test_seeds} seed(s) each); mean reward base {results['base']['reward']['value']:.4f} -> tuned "
           f"{results['tuned']['reward']['value']:.4f}; total {results['timings_s']['total']:.0f}s")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -375,15 +390,15 @@ def run_method(args: argparse.Namespace) -> int:
     from diffusion_po.toy.experiment import ToyRunConfig
     from diffusion_po.toy.methods import run_method as run
 
-    _check_positive(pairs=args.pairs, val=args.val, test=args.test, experts=args.experts)
+    _check_positive(pairs=args.pairs, val=args.val, test=args.test, test_seeds=args.test_seeds, experts=args.experts)
     for flag, path in (("--pairs-file", args.pairs_file), ("--images", args.images)):
         if path and not Path(path).is_file():
             raise UserError(f"{flag} {path} does not exist")
     _set_threads(args.threads)
     out = args.out or f"runs/toy_{args.name}"
     cfg = ToyRunConfig(out=out, world=args.world, model=args.model, config=args.config, overrides=list(args.overrides),
-                       n_pairs=args.pairs, n_val=args.val, n_test=args.test, threads=args.threads,
-                       keep_checkpoints=args.keep_checkpoints)
+                       n_pairs=args.pairs, n_val=args.val, n_test=args.test, test_seeds=args.test_seeds,
+                       threads=args.threads, keep_checkpoints=args.keep_checkpoints)
     res = run(args.name, cfg, args.pairs_file, args.cache_dir, args.experts, args.images)
     wr = res["win_rate"]
     print(f"{args.name}: win rate {wr['win_rate']:.3f} [{wr['lo']:.3f}, {wr['hi']:.3f}] (n={wr['n']}); "
@@ -398,6 +413,7 @@ def run_compare(args: argparse.Namespace) -> int:
     cfg = CompareConfig(out=args.out, world=args.world, model=args.model,
                         methods=parse_methods(args.methods) if args.methods is not None else COMPARE_METHODS,
                         seeds=parse_seeds(args.seeds), n_pairs=args.pairs, n_val=args.val, n_test=args.test,
+                        test_seeds=args.test_seeds,
                         train_steps=args.steps, checkpoints=args.checkpoints, threads=args.threads, jobs=args.jobs,
                         overrides=list(args.overrides))
     rows = run(cfg)

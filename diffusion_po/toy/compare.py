@@ -67,6 +67,9 @@ class CompareConfig:
     n_pairs: int = 500
     n_val: int = 100
     n_test: int = 263
+    """Test captions per seed."""
+    test_seeds: int = 8
+    """Images per test caption (`ToyRunConfig.test_seeds`)."""
     train_steps: int = 100
     """max_train_steps of every method."""
     checkpoints: int = 4
@@ -181,7 +184,7 @@ def run_config(cfg: CompareConfig, seed: int, method: str):
 
     return ToyRunConfig(**{**cfg.run_defaults, "out": str(run_dir(cfg, seed, method)), "world": cfg.world,
                            "model": cfg.model, "n_pairs": cfg.n_pairs, "pair_seed": seed, "n_val": cfg.n_val,
-                           "n_test": cfg.n_test, "threads": cfg.threads,
+                           "n_test": cfg.n_test, "test_seeds": cfg.test_seeds, "threads": cfg.threads,
                            "overrides": [*cfg.overrides, *budget(cfg, method).overrides(), f"seed={seed}"]})
 
 
@@ -292,7 +295,8 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
 
 
 def _check_sizes(cfg: CompareConfig) -> None:
-    for name, value in (("pairs", cfg.n_pairs), ("val", cfg.n_val), ("test", cfg.n_test), ("steps", cfg.train_steps),
+    for name, value in (("pairs", cfg.n_pairs), ("val", cfg.n_val), ("test", cfg.n_test),
+                        ("test-seeds", cfg.test_seeds), ("steps", cfg.train_steps),
                         ("checkpoints", cfg.checkpoints), ("jobs", cfg.jobs), ("threads", cfg.threads)):
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")
@@ -316,7 +320,7 @@ def _mean_sd(values: Sequence[float]) -> dict[str, float | None]:
 def aggregate(cfg: CompareConfig) -> list[dict[str, Any]]:
     """The leaderboard rows of the finished runs in `cfg.out`, sorted by pooled win rate (best first)."""
     from diffusion_po.eval.stats import bootstrap_mean_ci, paired_win_rate
-    from diffusion_po.toy.experiment import ToyRunConfig
+    from diffusion_po.toy.experiment import ToyRunConfig, caption_means
     from diffusion_po.toy.worlds import get_world
 
     toy_world = get_world(cfg.world)
@@ -326,19 +330,19 @@ def aggregate(cfg: CompareConfig) -> list[dict[str, Any]]:
         runs = [(s, run_dir(cfg, s, method)) for s in cfg.seeds if is_finished(run_dir(cfg, s, method))]
         if not runs:
             continue
-        prompts: list[str] = []
+        prompts: list[str] = []  # one entry per (seed, test caption): the caption's means over its images
         tuned: list[float] = []
         base: list[float] = []
         accuracy_gain: list[float] = []
         per_seed = []
         for seed, folder in runs:
-            for line in (folder / "test_scores.jsonl").read_text().splitlines():
-                item = json.loads(line)
-                t, b = toy_world.result_from_dict(item["tuned"]), toy_world.result_from_dict(item["base"])
-                prompts.append(item["prompt"])
-                tuned.append(t.reward)
-                base.append(b.reward)
-                accuracy_gain.append(toy_world.accuracy(t) - toy_world.accuracy(b))
+            items = [json.loads(line) for line in (folder / "test_scores.jsonl").read_text().splitlines()]
+            results = [(toy_world.result_from_dict(i["tuned"]), toy_world.result_from_dict(i["base"])) for i in items]
+            captions = [i["prompt"] for i in items]
+            for values, into in (([t.reward for t, _ in results], tuned), ([b.reward for _, b in results], base),
+                                 ([toy_world.accuracy(t) - toy_world.accuracy(b) for t, b in results], accuracy_gain)):
+                into.extend(caption_means(captions, values)[1])
+            prompts.extend(caption_means(captions, [0.0] * len(captions))[0])
             res = json.loads((folder / "results.json").read_text())
             per_seed.append({"seed": seed, **{k: float(res[a][b]) for k, (a, b) in SEED_VALUES.items()},
                              "chosen_step": res["chosen_step"], "total_s": res["timings_s"].get("total")})
@@ -347,7 +351,7 @@ def aggregate(cfg: CompareConfig) -> list[dict[str, Any]]:
             "method": method,
             "guidance": method in NEGATIVE,
             "seeds": [s for s, _ in runs],
-            "n_items": len(prompts),
+            "n_items": len(prompts),  # (seed, caption) units
             "n_prompts": len(set(prompts)),
             "win_rate": paired_win_rate(tuned, base, tie_tol=stats.tie_tol, **boot).to_dict(),
             "reward_gain": bootstrap_mean_ci([t - b for t, b in zip(tuned, base)], **boot).to_dict(),
@@ -385,9 +389,10 @@ def leaderboard_markdown(cfg: CompareConfig, rows: list[dict[str, Any]]) -> str:
         f"chosen on {cfg.n_val} validation items; step 0, the base, competes) and {cfg.n_pairs * pair_images(cfg)} "
         f"generated training images ({cfg.n_pairs} pairs x {pair_images(cfg)}, shared by the offline methods; the "
         "online methods: "
-        f"{cfg.checkpoints} round(s) x prompts x K; Self-NPO: prompts only). Test: {cfg.n_test} held-out items per "
-        "seed, base and method with the same sampling seeds. Intervals: 95% paired bootstrap over the test prompts, "
-        "the items of all seeds pooled; ± : the standard deviation of the per-seed values. NPO and Self-NPO "
+        f"{cfg.checkpoints} round(s) x prompts x K; Self-NPO: prompts only). Test: {cfg.n_test} held-out captions per "
+        f"seed, {cfg.test_seeds} image(s) each, base and method with the same sampling seeds; a win is a caption "
+        "whose mean reward over its images rises. Intervals: 95% paired bootstrap over the test captions, the "
+        "captions of all seeds pooled; ± : the standard deviation of the per-seed values. NPO and Self-NPO "
         "are scored as the negative branch of NPO guidance against plain CFG; s per run: the mean wall time of "
         "one run (DRO's replay buffer and Self-NPO's teacher rollouts sample inside their training steps).", "",
         "| rank | method | seeds | win rate [95% CI] | per seed | reward gain [95% CI] | per seed "

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,10 @@ class ToyRunConfig:
     min_margin: float = 0.0
     n_val: int = 152
     n_test: int = 263
+    """Test captions."""
+    test_seeds: int = 8
+    """Images per test caption, each with its own seed: the win rate and the gains compare each caption's mean
+    over them (one image per caption leaves the comparison to seed-level noise: see docs/toy.md)."""
     eval_seed: int = 1234
     steps: int = toy_pairs.DEFAULT_STEPS
     scale: float = toy_pairs.DEFAULT_SCALE
@@ -139,12 +143,24 @@ def eval_seeds(n: int, seed: int) -> list[int]:
 
 
 def eval_items(run: ToyRunConfig, split: str) -> tuple[list[str], list[int]]:
-    """The captions and seeds of the validation (`val`) or test (`test`) split of a run, shared by every model
-    compared on it (so images pair up)."""
+    """The items (caption, seed) of the validation (`val`: `n_val` captions, one image each) or test (`test`:
+    `n_test` captions, each `test_seeds` times in a row) split of a run, shared by every model compared on it (so
+    images pair up); every item has its own seed."""
     offset = {"val": 0, "test": 2}[split]
-    n = run.n_val if split == "val" else run.n_test
-    prompts = get_world(run.world).prompts(n, run.eval_seed + offset, split=split)
-    return prompts, eval_seeds(n, run.eval_seed + offset + 1)
+    n, per_caption = (run.n_val, 1) if split == "val" else (run.n_test, run.test_seeds)
+    captions = get_world(run.world).prompts(n, run.eval_seed + offset, split=split)
+    prompts = [c for c in captions for _ in range(per_caption)]
+    return prompts, eval_seeds(len(prompts), run.eval_seed + offset + 1)
+
+
+def caption_means(prompts: Sequence[Any], values: Sequence[float], first: int | None = None
+                  ) -> tuple[list[Any], list[float]]:
+    """Each distinct caption's mean of `values` over its items (its seeds; with `first`, over its first `first`
+    items only), in the order captions first appear: (captions, means)."""
+    sums: dict[Any, list[float]] = {}
+    for prompt, value in zip(prompts, values, strict=True):
+        sums.setdefault(prompt, []).append(float(value))
+    return list(sums), [float(np.mean(v[:first])) for v in sums.values()]
 
 
 def sample_pairs(run: ToyRunConfig, base: Any, path: Path):
@@ -234,7 +250,10 @@ class Selection:
     """None when the base's test results came from the cache."""
     tuned_images: list | None
     win_rate: Any
-    """`diffusion_po.eval.stats.WinRate` of tuned over base on the test items."""
+    """`diffusion_po.eval.stats.WinRate` of tuned over base on the test captions (each caption's mean reward
+    over its seeds)."""
+    image_win_rate: Any
+    """The same on single images (item against item, the interval resampling captions)."""
     timings_s: dict[str, float]
     """Wall time of the `validation` and the `test` stage."""
 
@@ -244,7 +263,6 @@ def choose_and_test(run: ToyRunConfig, train_dir: Path, sample_base: Sampler, sa
     """The toy protocol: validation reward of every checkpoint in `train_dir` (step 0 = `sample_base`
     competes), then the best against `sample_base` on the test split with the same seeds; writes
     `test_scores.jsonl` into `run.out`. `cache_dir` keeps the base's rewards (keyed by `base_id`)."""
-    from diffusion_po.eval.stats import paired_win_rate
     from diffusion_po.training import checkpoint as ckpt
 
     t0 = time.perf_counter()
@@ -270,14 +288,28 @@ def choose_and_test(run: ToyRunConfig, train_dir: Path, sample_base: Sampler, sa
     else:
         tuned_images = sample_tuned(train_dir / f"checkpoint-{best['step']}", test_prompts, test_seeds, "test: tuned")
         tuned_res = toy_world.score_many(tuned_images, test_prompts)
-    wr = paired_win_rate([r.reward for r in tuned_res], [r.reward for r in base_res], n_boot=run.n_boot,
-                         seed=run.eval_seed, tie_tol=run.tie_tol, groups=test_prompts)
+    wr, image_wr = paired_win_rates(test_prompts, base_res, tuned_res, run)
     timings["test"] = time.perf_counter() - t0
     with (Path(run.out) / "test_scores.jsonl").open("w") as fh:
         for p, s, b, t in zip(test_prompts, test_seeds, base_res, tuned_res):
             fh.write(json.dumps({"prompt": p, "seed": s, "base": b.to_dict(), "tuned": t.to_dict()}) + "\n")
     return Selection(val_curve, best["step"], checkpoints, test_prompts, test_seeds, base_res, tuned_res,
-                     base_images, tuned_images, wr, timings)
+                     base_images, tuned_images, wr, image_wr, timings)
+
+
+def paired_win_rates(prompts: Sequence[str], base_res: Sequence[Any], tuned_res: Sequence[Any],
+                     run: ToyRunConfig, first: int | None = None) -> tuple[Any, Any]:
+    """(per caption, per image) paired win rates of tuned over base (ties half) with 95% bootstrap intervals over
+    the captions: per caption compares each caption's mean reward over its seeds (with `first`: its first
+    `first` seeds), per image each item."""
+    from diffusion_po.eval.stats import paired_win_rate
+
+    tuned, base = [r.reward for r in tuned_res], [r.reward for r in base_res]
+    captions, tuned_means = caption_means(prompts, tuned, first)
+    _, base_means = caption_means(prompts, base, first)
+    boot = {"n_boot": run.n_boot, "seed": run.eval_seed, "tie_tol": run.tie_tol}
+    return (paired_win_rate(tuned_means, base_means, groups=captions, **boot),
+            paired_win_rate(tuned, base, groups=list(prompts), **boot))
 
 
 def remove_checkpoints(run: ToyRunConfig, selection: Selection) -> None:
@@ -350,21 +382,19 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     tuned_r = [r.reward for r in tuned_res]
     metrics = read_metrics(train_dir / "metrics.jsonl")
     plot_curves(metrics, sel.val_curve, out / "curves.png")
-    save_grid(test_prompts[: run.grid_prompts], sel.base_images, sel.tuned_images, base_r, tuned_r, out / "grid.png")
+    shown = list(range(0, len(test_prompts), run.test_seeds))[: run.grid_prompts]  # each caption's first seed
+    save_grid([test_prompts[i] for i in shown], [sel.base_images[i] for i in shown],
+              [sel.tuned_images[i] for i in shown], [base_r[i] for i in shown], [tuned_r[i] for i in shown],
+              out / "grid.png")
     timings["total"] = time.perf_counter() - started
 
     toy_world = get_world(run.world)
     results = {
         "world": toy_world.name,
-        "win_rate": sel.win_rate.to_dict(),
-        "base": {**toy_world.summarize(base_res), "reward": mean_ci(base_r, run)},
-        "tuned": {**toy_world.summarize(tuned_res), "reward": mean_ci(tuned_r, run)},
-        **paired_gains(toy_world, base_res, tuned_res, run),
+        **summarize_test(toy_world, sel, run),
         "chosen_step": sel.best_step,
         "val_curve": sel.val_curve,
         "pairs": summary.to_dict(),
-        "n_test_prompts": len(set(test_prompts)),
-        "n_test_items": len(test_prompts),
         "train_config": _cfg_summary(cfg),
         "run": asdict(run),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -376,14 +406,35 @@ def run_toy_dpo(run: ToyRunConfig) -> dict[str, Any]:
     return results
 
 
-def paired_gains(toy_world: ToyWorld, base_res: list[Any], tuned_res: list[Any], run: ToyRunConfig) -> dict[str, Any]:
-    """The paired gains of tuned over base on the same test items, each a mean with its 95% bootstrap interval:
+def summarize_test(toy_world: ToyWorld, sel: Selection, run: ToyRunConfig) -> dict[str, Any]:
+    """The test's entries of a run's results.json: both win rates, base and tuned (the oracle's summary, the mean
+    reward over captions with its interval), the paired gains, the test's sizes."""
+    prompts = sel.test_prompts
+
+    def side(results: list[Any]) -> dict[str, Any]:
+        return {**toy_world.summarize(results), "reward": mean_ci(caption_means(prompts, [r.reward for r in results])[1],
+                                                                  run)}
+
+    fewer = [k for k in (1, 2, 4, 8, 16, 32) if k < run.test_seeds]  # the same test with fewer images per caption
+    by_seeds = {str(k): paired_win_rates(prompts, sel.base_results, sel.tuned_results, run, k)[0].to_dict()
+                for k in fewer}
+    return {"win_rate": sel.win_rate.to_dict(), "win_rate_per_image": sel.image_win_rate.to_dict(),
+            "win_rate_by_test_seeds": {**by_seeds, str(run.test_seeds): sel.win_rate.to_dict()},
+            "base": side(sel.base_results), "tuned": side(sel.tuned_results),
+            **paired_gains(toy_world, sel.base_results, sel.tuned_results, run, prompts),
+            "n_test_prompts": len(set(prompts)), "n_test_items": len(prompts), "test_seeds": run.test_seeds}
+
+
+def paired_gains(toy_world: ToyWorld, base_res: list[Any], tuned_res: list[Any], run: ToyRunConfig,
+                 prompts: Sequence[str] | None = None) -> dict[str, Any]:
+    """The paired gains of tuned over base on the same test items, each a mean over captions (of each caption's
+    mean over its seeds; `prompts` None: every item its own caption) with its 95% bootstrap interval:
     `reward_gain` (oracle reward) and `accuracy_gain` (the world's caption accuracy, `ToyWorld.accuracy`)."""
-    return {
-        "reward_gain": mean_ci([t.reward - b.reward for t, b in zip(tuned_res, base_res)], run),
-        "accuracy_gain": mean_ci([toy_world.accuracy(t) - toy_world.accuracy(b) for t, b in zip(tuned_res, base_res)],
-                                 run),
-    }
+    keys = list(prompts) if prompts is not None else list(range(len(base_res)))
+    reward = [t.reward - b.reward for t, b in zip(tuned_res, base_res, strict=True)]
+    accuracy = [toy_world.accuracy(t) - toy_world.accuracy(b) for t, b in zip(tuned_res, base_res, strict=True)]
+    return {"reward_gain": mean_ci(caption_means(keys, reward)[1], run),
+            "accuracy_gain": mean_ci(caption_means(keys, accuracy)[1], run)}
 
 
 def mean_ci(values: list[float], run: ToyRunConfig) -> dict[str, float]:
@@ -486,8 +537,20 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [cur]
 
 
+def _by_seeds_lines(by_seeds: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's table of the per-caption win rate with each caption's first k images (k = 1, 2, 4, ...)."""
+    if len(by_seeds) < 2:
+        return []
+    return ["The same test with fewer images per caption (each caption's first k):", "",
+            "| images per caption | win rate [95% CI] | wins / ties / losses |", "|---|---|---|",
+            *[f"| {k} | {w['win_rate']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}] | {w['wins']} / {w['ties']} / {w['losses']} |"
+              for k, w in by_seeds.items()], ""]
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     wr = results["win_rate"]
+    iwr = results.get("win_rate_per_image", wr)
+    seeds = results.get("test_seeds", 1)
     b, t = results["base"], results["tuned"]
     tc = results["train_config"]
     verdict = "above" if wr["lo"] > 0.5 else "not above"
@@ -500,9 +563,15 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"base model; checkpoint chosen on validation reward: step {results['chosen_step']}.",
         "",
         f"**Paired win rate of tuned over base: {wr['win_rate']:.3f} [95% CI {wr['lo']:.3f}, {wr['hi']:.3f}]** "
-        f"over {wr['n']} held-out test prompts ({results['n_test_prompts']} distinct captions, fixed seeds; "
-        f"{wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses); the interval is {verdict} 0.5.",
+        f"over {wr['n']} held-out test captions, each caption's mean reward over its {seeds} seed(s), the same "
+        f"seeds for both ({wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses); the interval is {verdict} "
+        "0.5.",
         "",
+        f"Image against image (the {results['n_test_items']} test images of each model, same seeds): "
+        f"{iwr['win_rate']:.3f} [{iwr['lo']:.3f}, {iwr['hi']:.3f}] ({iwr['wins']} wins, {iwr['ties']} ties, "
+        f"{iwr['losses']} losses).",
+        "",
+        *_by_seeds_lines(results.get("win_rate_by_test_seeds", {})),
         "| | base | tuned |",
         "|---|---|---|",
         f"| mean oracle reward | {b['reward']['value']:.4f} [{b['reward']['lo']:.4f}, {b['reward']['hi']:.4f}] | "
@@ -516,7 +585,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     accuracy = dict(toy_world.report_parts)[toy_world.accuracy_key]
     lines += [
         "",
-        f"Paired gains on the same test items (95% bootstrap intervals): reward {rg['value']:+.4f} "
+        f"Paired gains over the test captions (each caption's mean over its seeds; 95% bootstrap intervals): reward {rg['value']:+.4f} "
         f"[{rg['lo']:+.4f}, {rg['hi']:+.4f}]; accuracy ({accuracy}) {100 * ag['value']:+.1f} points "
         f"[{100 * ag['lo']:+.1f}, {100 * ag['hi']:+.1f}].",
         "",
@@ -544,6 +613,6 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-__all__ = ["DEFAULTS_CONFIG", "Selection", "ToyRunConfig", "checkpoint_model", "choose_and_test", "eval_items",
-           "evaluate", "plot_curves", "remove_checkpoints", "run_toy_dpo", "sampler", "save_grid", "trainer_config",
-           "write_report"]
+__all__ = ["DEFAULTS_CONFIG", "Selection", "ToyRunConfig", "caption_means", "checkpoint_model", "choose_and_test",
+           "eval_items", "evaluate", "paired_gains", "paired_win_rates", "plot_curves", "remove_checkpoints",
+           "run_toy_dpo", "sampler", "save_grid", "summarize_test", "trainer_config", "write_report"]

@@ -81,12 +81,11 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
     from diffusion_po.toy.experiment import (
         checkpoint_model,
         choose_and_test,
-        mean_ci,
-        paired_gains,
         prepare_run,
         remove_checkpoints,
         sample_pairs,
         sampler,
+        summarize_test,
         train_stage,
     )
     from diffusion_po.toy.worlds import get_world
@@ -149,13 +148,8 @@ def run_method(method: str, run: ToyRunConfig, pairs_file: str | None = None, ca
     timings["evaluation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
 
-    base_r, tuned_r = [r.reward for r in sel.base_results], [r.reward for r in sel.tuned_results]
-    results = {"world": toy_world.name, "win_rate": sel.win_rate.to_dict(), "comparison": label,
-               "base": {**toy_world.summarize(sel.base_results), "reward": mean_ci(base_r, run)},
-               "tuned": {**toy_world.summarize(sel.tuned_results), "reward": mean_ci(tuned_r, run)},
-               **paired_gains(toy_world, sel.base_results, sel.tuned_results, run),
-               "chosen_step": sel.best_step, "val_curve": sel.val_curve,
-               "n_test_items": len(sel.test_prompts), "n_test_prompts": len(set(sel.test_prompts))}
+    results = {"world": toy_world.name, "comparison": label, **summarize_test(toy_world, sel, run),
+               "chosen_step": sel.best_step, "val_curve": sel.val_curve}
     results.update(method=method, data=data_info, run=asdict(run), threads=torch.get_num_threads(),
                    timings_s={k: round(v, 1) for k, v in timings.items()},
                    train_config={k: getattr(cfg, k) for k in ("method", "learning_rate", "train_batch_size",
@@ -172,7 +166,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     lines = [
         f"# Toy world: {results['method']}", "",
         f"{results['comparison']}: **paired win rate {wr['win_rate']:.3f} [95% CI {wr['lo']:.3f}, {wr['hi']:.3f}]** "
-        f"over {wr['n']} held-out test items ({results['n_test_prompts']} captions, fixed seeds); {verdict} 0.5. "
+        f"over {wr['n']} held-out test captions (each the mean over {results.get('test_seeds', 1)} seed(s), fixed "
+        f"seeds); {verdict} 0.5. "
         f"Checkpoint chosen on validation: step {results['chosen_step']}.", "",
         f"Mean oracle reward: base {results['base']['reward']['value']:.4f}, tuned {results['tuned']['reward']['value']:.4f}; "
         f"paired gain {results['reward_gain']['value']:+.4f} [95% CI {results['reward_gain']['lo']:+.4f}, "
