@@ -309,10 +309,10 @@ def test_toy_methods_take_the_dpo_defaults_method_settings_only_if_they_read_the
     run = ToyRunConfig(config=str(path) if path.is_file() else None, overrides=extra)
     cfg = trainer_config(run, tmp_path, tmp_path / "p.parquet", tmp_path / "train")
     assert cfg.method == method and cfg.method_options.get("beta_dpo") == beta
-    with pytest.raises(ConfigError, match="'beta_dpo' is not read by method 'kto'"):  # given by the user: an error
-        trainer_config(ToyRunConfig(config=str(path.with_name("toy_kto.yaml")),
-                                    overrides=[f"beta_dpo={toy_dpo['beta_dpo'] + 23}"]),
-                       tmp_path, tmp_path / "p.parquet", tmp_path / "train")
+    for value in (toy_dpo["beta_dpo"] + 23, toy_dpo["beta_dpo"]):  # given by the user, even the default: an error
+        with pytest.raises(ConfigError, match="'beta_dpo' is not read by method 'kto'"):
+            trainer_config(ToyRunConfig(config=str(path.with_name("toy_kto.yaml")), overrides=[f"beta_dpo={value}"]),
+                           tmp_path, tmp_path / "p.parquet", tmp_path / "train")
 
 
 def _text_encoder_loading_info(folder: Path) -> dict:
@@ -392,3 +392,19 @@ def test_the_simple_world_runs_its_overlay_over_the_main_job_config(tmp_path):
     assert mapo.learning_rate == yaml.safe_load(config_path("toy_mapo").read_text())["learning_rate"]
     assert ToyRunConfig().samples_per_pair() == 4 and ToyRunConfig(world="simple").samples_per_pair() == 2
     assert ToyRunConfig(pair_samples=3).samples_per_pair() == 3
+
+
+@pytest.mark.parametrize("world_name", ["compositional", "simple"])
+def test_every_toy_method_config_builds_in_both_worlds(tmp_path, world_name):
+    """Each method's shipped toy config over the world's defaults is a valid TrainConfig: online_dpo's
+    `method_options.beta_dpo` replaces the simple world's top-level `beta_dpo` (not "set twice")."""
+    from diffusion_po.toy.experiment import ToyRunConfig, trainer_config
+    from diffusion_po.toy.methods import METHODS, method_config
+
+    for method in METHODS:
+        cfg = trainer_config(ToyRunConfig(world=world_name, config=method_config(method)), tmp_path,
+                             tmp_path / "p.parquet", tmp_path / "t")
+        assert cfg.output_dir == str(tmp_path / "t"), method
+    online = trainer_config(ToyRunConfig(world=world_name, config="toy_online_dpo"), tmp_path, tmp_path / "p.parquet",
+                            tmp_path / "t")
+    assert online.method_options["beta_dpo"] == 100.0

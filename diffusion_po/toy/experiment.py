@@ -100,24 +100,38 @@ def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: 
         _merge_config(shipped, load_yaml(config_path(overlay)))
         source = f"{config_path(overlay).name} over {defaults.name}"
     data: dict[str, Any] = json.loads(json.dumps(shipped))  # a deep copy: `shipped` stays the defaults
+    given: set[str] = set()  # top-level keys the user's config or overrides set
     if run.config:
-        _merge_config(data, load_yaml(config_path(run.config)))  # a file, or a shipped config by name (toy_kto)
+        extra = load_yaml(config_path(run.config))  # a file, or a shipped config by name (toy_kto)
+        _merge_config(data, extra)
+        given |= set(extra)
         source = f"{run.config} over {source}"
     if run.overrides:
         data = apply_overrides(data, run.overrides)
+        given |= {o.split("=", 1)[0].split(".", 1)[0].strip() for o in run.overrides}
         source += " (with --set overrides)"
     data["pretrained_model_name_or_path"] = str(base)
     data["output_dir"] = str(output_dir)
     data["data"]["data_files"] = [str(pairs_file)]
     data["data"]["format"] = data["data"].get("format", "pickapic")
-    _drop_unread_method_defaults(data, shipped)
+    _drop_unread_method_defaults(data, shipped, given)
     cfg = from_dict(TrainConfig, data, source)
     validate(cfg, source)
     return cfg
 
 
 def _merge_config(data: dict[str, Any], extra: dict[str, Any]) -> None:
-    """`extra`'s keys over `data`'s, the `data` section key by key. In place."""
+    """`extra`'s keys over `data`'s, the `data` section key by key. A method setting that may be spelled at the
+    top level (`beta_dpo`) or under `method_options` replaces `data`'s in either spelling (a method config's
+    `method_options.beta_dpo` over the simple world's top-level `beta_dpo`). In place."""
+    from diffusion_po.config import METHOD_KEY_ALIASES
+
+    options = extra.get("method_options") if isinstance(extra.get("method_options"), dict) else {}
+    for key in METHOD_KEY_ALIASES:
+        if key in options:
+            data.pop(key, None)
+        if key in extra and isinstance(data.get("method_options"), dict):
+            data["method_options"].pop(key, None)
     for key, value in extra.items():
         if key == "data" and isinstance(value, dict):
             data.setdefault("data", {}).update(value)
@@ -125,16 +139,17 @@ def _merge_config(data: dict[str, Any], extra: dict[str, Any]) -> None:
             data[key] = value
 
 
-def _drop_unread_method_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> None:
+def _drop_unread_method_defaults(data: dict[str, Any], defaults: dict[str, Any], given: set[str]) -> None:
     """The DPO defaults' method settings (beta_dpo) carry over to another method only if it reads them (npo,
-    robust_dpo, ...); for the others (kto, mapo, sft, ...) they are dropped, not an error. In place."""
+    robust_dpo, ...); for the others (kto, mapo, sft, ...) they are dropped, not an error, unless the user's
+    config or overrides set them (`given`: then validation names the key the method does not read). In place."""
     from diffusion_po.config import METHOD_KEY_ALIASES
     from diffusion_po.objectives import get_method_class
 
     reads = get_method_class(data.get("method", "dpo")).option_names()
     for key in METHOD_KEY_ALIASES:
-        if key in defaults and key not in reads and data.get(key) == defaults[key]:
-            del data[key]
+        if key in defaults and key not in reads and key not in given:
+            data.pop(key, None)
 
 
 def eval_seeds(n: int, seed: int) -> list[int]:
