@@ -249,9 +249,8 @@ def _world_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _test_seeds_argument(p: argparse.ArgumentParser) -> None:
-    from diffusion_po.toy.experiment import ToyRunConfig
+    from diffusion_po.toy import TEST_SEEDS as default  # not toy.experiment: --help imports no torch
 
-    default = ToyRunConfig.test_seeds
     p.add_argument("--test-seeds", type=int, default=default,
                    help=f"images per test caption, each its own seed; the win rate compares each caption's mean "
                    f"over them (default {default})")

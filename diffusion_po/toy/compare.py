@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_po.errors import UserError
+from diffusion_po.toy import TEST_SEEDS
 from diffusion_po.toy.methods import METHODS, NEGATIVE, ONLINE, PROMPTS_ONLY, method_config
 from diffusion_po.toy.worlds import DEFAULT_WORLD
 
@@ -68,7 +69,7 @@ class CompareConfig:
     n_val: int = 100
     n_test: int = 263
     """Test captions per seed."""
-    test_seeds: int = 8
+    test_seeds: int = TEST_SEEDS
     """Images per test caption (`ToyRunConfig.test_seeds`)."""
     train_steps: int = 100
     """max_train_steps of every method."""

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_po.toy import TEST_SEEDS
 from diffusion_po.toy import pairs as toy_pairs
 from diffusion_po.toy.worlds import DEFAULT_WORLD, ToyWorld, get_world
 
@@ -59,7 +60,7 @@ class ToyRunConfig:
     n_val: int = 152
     n_test: int = 263
     """Test captions."""
-    test_seeds: int = 8
+    test_seeds: int = TEST_SEEDS
     """Images per test caption, each with its own seed: the win rate and the gains compare each caption's mean
     over them (one image per caption leaves the comparison to seed-level noise: see docs/toy.md)."""
     eval_seed: int = 1234
