@@ -182,7 +182,13 @@ def test_the_win_rate_compares_each_captions_mean_over_its_seeds():
     """On each caption the tuned model wins one of its 3 images by much and loses two by little: its mean over
     the seeds is higher on both captions (a win rate of 1 per caption) while it wins 2 of the 6 images; with
     each caption's first image only, it wins A and loses B."""
-    from diffusion_po.toy.experiment import ToyRunConfig, caption_means, paired_gains, paired_win_rates
+    from diffusion_po.toy.experiment import (
+        ToyRunConfig,
+        caption_means,
+        caption_win_rate,
+        paired_gains,
+        paired_win_rates,
+    )
 
     @dataclasses.dataclass
     class Scored:
@@ -202,7 +208,8 @@ def test_the_win_rate_compares_each_captions_mean_over_its_seeds():
     assert (per_caption.n, per_caption.wins, per_caption.losses, per_caption.win_rate) == (2, 2, 0, 1.0)
     assert (per_image.n, per_image.wins, per_image.losses) == (6, 2, 4)
     assert per_image.win_rate == pytest.approx(2 / 6)
-    first = paired_win_rates(prompts, base, tuned, run, first=1)[0]  # each caption's first image only
+    assert caption_win_rate(prompts, base, tuned, run) == per_caption
+    first = caption_win_rate(prompts, base, tuned, run, first=1)  # each caption's first image only
     assert (first.n, first.wins, first.losses) == (2, 1, 1)
     gains = paired_gains(World(), base, tuned, run, prompts)
     assert gains["reward_gain"]["value"] == pytest.approx((0.1 + 0.2 / 3) / 2)

@@ -340,10 +340,12 @@ def aggregate(cfg: CompareConfig) -> list[dict[str, Any]]:
             items = [json.loads(line) for line in (folder / "test_scores.jsonl").read_text().splitlines()]
             results = [(toy_world.result_from_dict(i["tuned"]), toy_world.result_from_dict(i["base"])) for i in items]
             captions = [i["prompt"] for i in items]
-            for values, into in (([t.reward for t, _ in results], tuned), ([b.reward for _, b in results], base),
-                                 ([toy_world.accuracy(t) - toy_world.accuracy(b) for t, b in results], accuracy_gain)):
-                into.extend(caption_means(captions, values)[1])
-            prompts.extend(caption_means(captions, [0.0] * len(captions))[0])
+            keys, tuned_means = caption_means(captions, [t.reward for t, _ in results])
+            prompts.extend(keys)
+            tuned.extend(tuned_means)
+            base.extend(caption_means(captions, [b.reward for _, b in results])[1])
+            accuracy_gain.extend(caption_means(captions, [toy_world.accuracy(t) - toy_world.accuracy(b)
+                                                          for t, b in results])[1])
             res = json.loads((folder / "results.json").read_text())
             per_seed.append({"seed": seed, **{k: float(res[a][b]) for k, (a, b) in SEED_VALUES.items()},
                              "chosen_step": res["chosen_step"], "total_s": res["timings_s"].get("total")})

@@ -314,18 +314,27 @@ def choose_and_test(run: ToyRunConfig, train_dir: Path, sample_base: Sampler, sa
 
 
 def paired_win_rates(prompts: Sequence[str], base_res: Sequence[Any], tuned_res: Sequence[Any],
-                     run: ToyRunConfig, first: int | None = None) -> tuple[Any, Any]:
+                     run: ToyRunConfig) -> tuple[Any, Any]:
     """(per caption, per image) paired win rates of tuned over base (ties half) with 95% bootstrap intervals over
-    the captions: per caption compares each caption's mean reward over its seeds (with `first`: its first
-    `first` seeds), per image each item."""
+    the captions: per caption compares each caption's mean reward over its seeds (`caption_win_rate`), per image
+    each item."""
     from diffusion_po.eval.stats import paired_win_rate
 
-    tuned, base = [r.reward for r in tuned_res], [r.reward for r in base_res]
-    captions, tuned_means = caption_means(prompts, tuned, first)
-    _, base_means = caption_means(prompts, base, first)
-    boot = {"n_boot": run.n_boot, "seed": run.eval_seed, "tie_tol": run.tie_tol}
-    return (paired_win_rate(tuned_means, base_means, groups=captions, **boot),
-            paired_win_rate(tuned, base, groups=list(prompts), **boot))
+    per_image = paired_win_rate([r.reward for r in tuned_res], [r.reward for r in base_res], groups=list(prompts),
+                                n_boot=run.n_boot, seed=run.eval_seed, tie_tol=run.tie_tol)
+    return caption_win_rate(prompts, base_res, tuned_res, run), per_image
+
+
+def caption_win_rate(prompts: Sequence[str], base_res: Sequence[Any], tuned_res: Sequence[Any], run: ToyRunConfig,
+                     first: int | None = None) -> Any:
+    """The paired win rate of tuned over base on each caption's mean reward over its seeds (with `first`: its
+    first `first` seeds), ties half, with its 95% bootstrap interval over the captions."""
+    from diffusion_po.eval.stats import paired_win_rate
+
+    captions, tuned_means = caption_means(prompts, [r.reward for r in tuned_res], first)
+    _, base_means = caption_means(prompts, [r.reward for r in base_res], first)
+    return paired_win_rate(tuned_means, base_means, groups=captions, n_boot=run.n_boot, seed=run.eval_seed,
+                           tie_tol=run.tie_tol)
 
 
 def remove_checkpoints(run: ToyRunConfig, selection: Selection) -> None:
@@ -432,7 +441,7 @@ def summarize_test(toy_world: ToyWorld, sel: Selection, run: ToyRunConfig) -> di
                                                                   run)}
 
     fewer = [k for k in (1, 2, 4, 8, 16, 32) if k < run.test_seeds]  # the same test with fewer images per caption
-    by_seeds = {str(k): paired_win_rates(prompts, sel.base_results, sel.tuned_results, run, k)[0].to_dict()
+    by_seeds = {str(k): caption_win_rate(prompts, sel.base_results, sel.tuned_results, run, k).to_dict()
                 for k in fewer}
     return {"win_rate": sel.win_rate.to_dict(), "win_rate_per_image": sel.image_win_rate.to_dict(),
             "win_rate_by_test_seeds": {**by_seeds, str(run.test_seeds): sel.win_rate.to_dict()},
@@ -630,5 +639,5 @@ def write_report(results: dict[str, Any], path: Path) -> None:
 
 
 __all__ = ["DEFAULTS_CONFIG", "Selection", "ToyRunConfig", "caption_means", "checkpoint_model", "choose_and_test",
-           "eval_items", "evaluate", "paired_gains", "paired_win_rates", "plot_curves", "remove_checkpoints",
+           "caption_win_rate", "eval_items", "evaluate", "paired_gains", "paired_win_rates", "plot_curves", "remove_checkpoints",
            "run_toy_dpo", "sampler", "save_grid", "summarize_test", "trainer_config", "write_report"]
