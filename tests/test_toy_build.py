@@ -310,9 +310,10 @@ def test_toy_methods_take_the_dpo_defaults_method_settings_only_if_they_read_the
     cfg = trainer_config(run, tmp_path, tmp_path / "p.parquet", tmp_path / "train")
     assert cfg.method == method and cfg.method_options.get("beta_dpo") == beta
     for value in (toy_dpo["beta_dpo"] + 23, toy_dpo["beta_dpo"]):  # given by the user, even the default: an error
-        with pytest.raises(ConfigError, match="'beta_dpo' is not read by method 'kto'"):
-            trainer_config(ToyRunConfig(config=str(path.with_name("toy_kto.yaml")), overrides=[f"beta_dpo={value}"]),
-                           tmp_path, tmp_path / "p.parquet", tmp_path / "train")
+        for key in ("beta_dpo", "method_options.beta_dpo"):  # in either spelling
+            with pytest.raises(ConfigError, match="'beta_dpo' is not read by method 'kto'"):
+                trainer_config(ToyRunConfig(config=str(path.with_name("toy_kto.yaml")), overrides=[f"{key}={value}"]),
+                               tmp_path, tmp_path / "p.parquet", tmp_path / "train")
 
 
 def _text_encoder_loading_info(folder: Path) -> dict:

@@ -89,7 +89,14 @@ def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: 
     """The TrainConfig of the training stage: the shipped `toy_dpo` config, the world's overlay over it (the
     simple world's `toy_simple`), then `run.config` (each `data` section merged key by key), then
     `run.overrides`."""
-    from diffusion_po.config import TrainConfig, apply_overrides, from_dict, load_yaml, validate
+    from diffusion_po.config import (
+        TrainConfig,
+        apply_overrides,
+        from_dict,
+        load_yaml,
+        parse_override,
+        validate,
+    )
     from diffusion_po.shipped import config_path
 
     defaults = config_path(DEFAULTS_CONFIG)
@@ -101,7 +108,7 @@ def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: 
         _merge_config(shipped, load_yaml(config_path(overlay)))
         source = f"{config_path(overlay).name} over {defaults.name}"
     data: dict[str, Any] = json.loads(json.dumps(shipped))  # a deep copy: `shipped` stays the defaults
-    given: set[str] = set()  # top-level keys the user's config or overrides set
+    given: set[str] = set()  # keys the user's config or overrides set (for an override, its first and last part)
     if run.config:
         extra = load_yaml(config_path(run.config))  # a file, or a shipped config by name (toy_kto)
         _merge_config(data, extra)
@@ -109,7 +116,8 @@ def trainer_config(run: ToyRunConfig, base: Path, pairs_file: Path, output_dir: 
         source = f"{run.config} over {source}"
     if run.overrides:
         data = apply_overrides(data, run.overrides)
-        given |= {o.split("=", 1)[0].split(".", 1)[0].strip() for o in run.overrides}
+        for key in (parse_override(o)[0].split(".") for o in run.overrides):
+            given |= {key[0], key[-1]}  # method_options.beta_dpo=... gives beta_dpo too
         source += " (with --set overrides)"
     data["pretrained_model_name_or_path"] = str(base)
     data["output_dir"] = str(output_dir)
